@@ -1,0 +1,1 @@
+"""The data plane: DICOM files to a de-identified, tokenized TensorStore store."""

@@ -1,0 +1,541 @@
+"""`pgjax preprocess`: DICOM files to a store, in four resumable phases.
+
+    scan      read every header once (shardable)        -> PRIVATE/scan/
+    plan      dedup, volumes, splits, vocabulary, tokens  -> STORE tables+tokens, PRIVATE/plan/
+    pixels    decode, normalise, resize by store shard (shardable) -> STORE pixels
+    finalize  collect unit results, `ok` column, skip report  -> STORE state "complete"
+
+Running without --phase does all four on this machine with --workers processes. On a cluster,
+run `--phase scan --shard I/N` as an array job, then `--phase plan` once, then
+`--phase pixels --shard I/N` as another array job, then `--phase finalize` once; the shards of
+a phase write disjoint files, so nothing is merged or copied.
+
+Two folders: the STORE (de-identified, shareable) and the PRIVATE work folder (default
+STORE.private; holds the salt, file paths and raw header values; keep it with the source data).
+Every phase skips work already done, so a killed run restarted with the same command finishes
+the job without duplicates; work is committed in whole units by atomic renames.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pgjax import __version__
+from pgjax.data import store as st
+from pgjax.data.config import PreprocessConfig
+from pgjax.data.deid import load_or_create_salt
+from pgjax.data.scan import ScanRecord, list_files, scan_chunk
+from pgjax.data.schema import Schema
+from pgjax.data.tokenizer import MISSING
+from pgjax.progress import Progress
+
+FILES_PER_SCAN_CHUNK = 512
+PHASES = ("scan", "plan", "pixels", "finalize")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+    """Where everything goes. `private` must not be inside `store`."""
+
+    store: Path
+    private: Path
+
+    def __post_init__(self):
+        store, private = self.store.resolve(), self.private.resolve()
+        if private == store or store in private.parents:
+            raise ValueError(
+                f"the private folder {self.private} is inside the store {self.store}: it holds "
+                "the salt and file paths, which must never travel with the store"
+            )
+
+    @property
+    def scan_dir(self) -> Path:
+        return self.private / "scan"
+
+    @property
+    def plan_dir(self) -> Path:
+        return self.private / "plan"
+
+    @property
+    def units_dir(self) -> Path:
+        return self.private / "units"
+
+
+def default_private(store: str | Path) -> Path:
+    store = Path(store)
+    return store.with_name(store.name + ".private")
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard wants I/N (e.g. 3/16), not {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker pool. Spawn, never fork: TensorStore aborts a process that forks after importing it.
+
+
+def run_units(
+    fn: Callable, units: Sequence, args: tuple, workers: int, progress: Progress
+) -> list[tuple[object, str]]:
+    """Run fn(unit, *args) for every unit; return (unit, reason) for units that crashed a worker.
+
+    A decoder can crash its process on a hostile file (a segfault is not an exception). When
+    the pool breaks, the units that were in flight are re-run one by one in their own process,
+    so one bad file costs its unit, not the run.
+    """
+    if workers <= 1:
+        for u in units:
+            fn(u, *args)
+            progress.update()
+        return []
+    ctx = multiprocessing.get_context("spawn")
+    suspects, crashed = [], []
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(fn, u, *args): u for u in units}
+        for fut in cf.as_completed(futures):
+            try:
+                fut.result()
+                progress.update()
+            except cf.process.BrokenProcessPool:
+                suspects.append(futures[fut])
+    for u in suspects:
+        with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            try:
+                pool.submit(fn, u, *args).result()
+            except cf.process.BrokenProcessPool:
+                crashed.append((u, "worker crashed (hostile or corrupt file)"))
+        progress.update()
+    return crashed
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: scan.
+
+
+def _scan_unit(job, schema_json, salt, site_from, out_dir) -> None:
+    chunk, files = job
+    schema = Schema.from_json(schema_json)
+    records = [r.to_json() for r in scan_chunk(files, schema, salt, site_from)]
+    st.write_json_atomic(Path(out_dir) / f"chunk-{chunk:06d}.json", records)
+
+
+def phase_scan(inputs, ws: Workspace, schema: Schema, cfg, salt, *, workers=1, shard=(0, 1)):
+    files = list_files(inputs)
+    if not files:
+        raise ValueError(f"no files under {', '.join(map(str, inputs))}")
+    listing = [(r, p, os.path.getsize(p), os.stat(p).st_mtime_ns) for r, p in files]
+    digest = _digest([listing, schema.to_json(), cfg.site_from])
+    listing_path = ws.scan_dir / "listing.json"
+    if listing_path.exists() and json.loads(listing_path.read_text()).get("digest") != digest:
+        # Inputs or settings changed: earlier chunks describe other files. Start over.
+        shutil.rmtree(ws.scan_dir)
+    n_chunks = (len(files) + FILES_PER_SCAN_CHUNK - 1) // FILES_PER_SCAN_CHUNK
+    st.write_json_atomic(listing_path, {"digest": digest, "files": len(files), "chunks": n_chunks})
+    todo = [
+        c
+        for c in range(shard[0], n_chunks, shard[1])
+        if not (ws.scan_dir / f"chunk-{c:06d}.json").exists()
+    ]
+    progress = Progress(len(todo), "scan", "chunks")
+    jobs = [(c, files[c * FILES_PER_SCAN_CHUNK : (c + 1) * FILES_PER_SCAN_CHUNK]) for c in todo]
+    args = (schema.to_json(), salt, cfg.site_from, str(ws.scan_dir))
+    # A crash in header parsing is as possible as in decoding: the chunk's files are listed.
+    for (c, chunk_files), reason in run_units(_scan_unit, jobs, args, workers, progress):
+        records = [ScanRecord(path=p, reason=reason).to_json() for _, p in chunk_files]
+        st.write_json_atomic(ws.scan_dir / f"chunk-{c:06d}.json", records)
+
+
+def load_scan(ws: Workspace) -> list[ScanRecord]:
+    meta_path = ws.scan_dir / "listing.json"
+    if not meta_path.exists():
+        raise ValueError(f"{ws.private}: no scan found; run `--phase scan` first")
+    meta = json.loads(meta_path.read_text())
+    missing = [
+        c for c in range(meta["chunks"]) if not (ws.scan_dir / f"chunk-{c:06d}.json").exists()
+    ]
+    if missing:
+        raise ValueError(
+            f"scan incomplete: {len(missing)} of {meta['chunks']} chunks missing "
+            f"(first: {missing[0]}); run the remaining `--phase scan --shard I/N` jobs"
+        )
+    records = []
+    for c in range(meta["chunks"]):
+        chunk = json.loads((ws.scan_dir / f"chunk-{c:06d}.json").read_text())
+        records.extend(ScanRecord.from_json(r) for r in chunk)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 2: plan. Writes every store file except pixels and the final `ok` column.
+
+
+def _unit_ranges(n: int, per_unit: int) -> list[tuple[int, int]]:
+    return [(s, min(s + per_unit, n)) for s in range(0, n, per_unit)]
+
+
+def phase_plan(
+    ws: Workspace,
+    schema: Schema,
+    cfg: PreprocessConfig,
+    salt,
+    *,
+    labels=None,
+    compression="zstd",
+    overwrite=False,
+) -> dict:
+    from pgjax.data.plan import build_plan, read_labels
+
+    records = load_scan(ws)
+    label_map = read_labels(labels, salt) if labels else {}
+    fingerprint = _digest(
+        [
+            [r.to_json() for r in records],
+            cfg.to_json(),
+            schema.to_json(),
+            sorted(label_map.items()),
+            compression,
+        ]
+    )
+    manifest_path = ws.store / "manifest.json"
+    if manifest_path.exists():
+        old = st.read_manifest(ws.store)
+        if old.get("plan_fingerprint") == fingerprint:
+            return old  # same inputs, same settings: the plan on disk is this plan
+        if not overwrite:
+            raise ValueError(
+                f"{ws.store} was made from other inputs or settings; pass --overwrite to "
+                "rebuild it, or write to a new store"
+            )
+    plan = build_plan(records, cfg, schema, label_map)
+    if ws.store.exists():
+        shutil.rmtree(ws.store)
+    for d in (ws.plan_dir, ws.units_dir):
+        if d.exists():
+            shutil.rmtree(d)
+    ws.store.mkdir(parents=True)
+
+    st.write_json_atomic(ws.store / "schema.json", schema.to_json())
+    plan.vocab.save(ws.store / "vocab.json")
+    groups = {
+        "images": [(it.record, [it.frame]) for it in plan.images],
+        "volumes": [(v.records[0], None) for v in plan.volumes],
+    }
+    shapes = {
+        "images": list(cfg.image_size),
+        "volumes": list(cfg.volume_shape),
+    }
+    per_shard = {"images": cfg.images_per_shard, "volumes": cfg.volumes_per_shard}
+    arrays, units = {}, {}
+    for group, rows in groups.items():
+        n = len(rows)
+        root = ws.store / group
+        root.mkdir()
+        st.create_array(
+            root / "pixels",
+            [n, *shapes[group]],
+            cfg.dtype,
+            rows_per_shard=per_shard[group],
+            compression=compression,
+        )
+        protocols = [records[i].protocol for i, _ in rows]
+        encoded = plan.vocab.encode_many(protocols) if rows else None
+        vendor = _vendors(plan.vocab, schema, encoded[0] if rows else None)
+        for k, (name, dtype) in enumerate(st.TOKEN_ARRAYS.items()):
+            arr = st.create_array(
+                root / name,
+                [n, len(schema.fields)],
+                dtype,
+                rows_per_shard=st.TOKEN_ROWS_PER_CHUNK,
+                compression=compression,
+            )
+            if n:
+                arr.write(np.asarray(encoded[k], dtype=dtype)).result()
+        st.write_csv_atomic(root / "table.csv", _table(group, plan, records, rows, vendor))
+        arrays[f"{group}/pixels"] = {"shape": [n, *shapes[group]], "dtype": cfg.dtype}
+        for name, dtype in st.TOKEN_ARRAYS.items():
+            arrays[f"{group}/{name}"] = {"shape": [n, len(schema.fields)], "dtype": dtype}
+        units[group] = _unit_ranges(n, per_shard[group])
+        _write_unit_plans(ws, group, plan, records, units[group])
+
+    st.write_json_atomic(ws.plan_dir / "skipped.json", plan.skipped)
+    manifest = {
+        "format": st.STORE_FORMAT,
+        "version": st.STORE_VERSION,
+        "state": "planned",
+        "written_by": f"pgjax {__version__}",
+        "plan_fingerprint": fingerprint,
+        "config": cfg.to_json(),
+        "compression": compression,
+        "schema_version": schema.version,
+        "schema_sha256": hashlib.sha256((ws.store / "schema.json").read_bytes()).hexdigest(),
+        "vocab_sha256": hashlib.sha256((ws.store / "vocab.json").read_bytes()).hexdigest(),
+        "vocab_size": plan.vocab.size,
+        "fields": schema.keywords,
+        "arrays": arrays,
+        "units": {g: len(u) for g, u in units.items()},
+        "counts": {
+            "files": len(records),
+            "images": len(plan.images),
+            "volumes": len(plan.volumes),
+        },
+    }
+    st.write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def _table(group: str, plan, records, rows, vendor) -> dict[str, list]:
+    cols = defaultdict(list)
+    for row, (i, _) in enumerate(rows):
+        r = records[i]
+        cols["row"].append(row)
+        cols["ok"].append("")  # filled by finalize
+        cols["site"].append(r.site)
+        cols["vendor"].append(vendor[row])
+        cols["modality"].append(r.modality)
+        cols["patient_key"].append(r.patient_key)
+        cols["study_key"].append(r.study_key)
+        cols["series_key"].append(r.series_key)
+        if group == "images":
+            item = plan.images[row]
+            cols["instance_key"].append(r.instance_key)
+            cols["frame"].append(item.frame)
+            cols["slice_index"].append(item.slice_index)
+            cols["volume"].append(item.volume)
+        else:
+            cols["n_slices"].append(len(plan.volumes[row].records))
+        cols["split"].append(str(plan.splits[i]))
+        task, label, score = plan.labels.get(r.study_key, ("", "", ""))
+        cols["task"].append(task)
+        cols["label"].append(label)
+        cols["score"].append(score)
+    if not rows:  # keep the header of an empty table
+        names = [
+            "row",
+            "ok",
+            "site",
+            "vendor",
+            "modality",
+            "patient_key",
+            "study_key",
+            "series_key",
+            "split",
+            "task",
+            "label",
+            "score",
+        ]
+        return {n: [] for n in names}
+    return dict(cols)
+
+
+def _vendors(vocab, schema: Schema, tokens) -> list[str]:
+    """Per row, the manufacturer as the vocabulary knows it ("" missing, "<unk>" unknown)."""
+    if tokens is None:
+        return []
+    if "Manufacturer" not in schema.keywords:
+        return [""] * len(tokens)
+    names = {}
+    for t in np.unique(tokens[:, schema.index("Manufacturer")]):
+        _, value = vocab.decode(int(t))
+        names[int(t)] = value if t >= len(vocab.specials) else ("" if t == MISSING else "<unk>")
+    return [names[int(t)] for t in tokens[:, schema.index("Manufacturer")]]
+
+
+def _write_unit_plans(ws, group, plan, records, ranges):
+    """The private per-unit work list: which file and frames fill each row."""
+    for u, (start, stop) in enumerate(ranges):
+        if group == "images":
+            rows = [
+                {"path": records[it.record].path, "frame": it.frame}
+                for it in plan.images[start:stop]
+            ]
+        else:
+            rows = [
+                {
+                    "paths": [records[i].path for i in v.records],
+                    "frames": v.frames,
+                    "plan": v.plan,
+                }
+                for v in plan.volumes[start:stop]
+            ]
+        st.write_json_atomic(
+            ws.plan_dir / f"{group}-{u:06d}.json", {"start": start, "stop": stop, "rows": rows}
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 3: pixels. One unit = one shard of one array, written whole.
+
+
+def _unit_done_path(ws: Workspace, group: str, u: int) -> Path:
+    return ws.units_dir / f"{group}-{u:06d}.json"
+
+
+def _pixels_unit(job, store, private, cfg_json) -> None:
+    group, u = job
+    from pgjax.data.pixel_units import fill_image_unit, fill_volume_unit
+
+    ws = Workspace(Path(store), Path(private))
+    cfg = PreprocessConfig.from_json(cfg_json)
+    work = json.loads((ws.plan_dir / f"{group}-{u:06d}.json").read_text())
+    fill = fill_image_unit if group == "images" else fill_volume_unit
+    block, failures, facts = fill(work["rows"], cfg)
+    arr = st.open_array(ws.store / group / "pixels", write=True)
+    start = work["start"]
+    arr[start : work["stop"]].write(block).result()
+    # Fault injection for the kill-and-resume test: widen the window between the pixel write
+    # and the unit's completion marker, the worst moment to be killed.
+    time.sleep(float(os.environ.get("PGJAX_TEST_UNIT_DELAY_S", "0")))
+    result = {
+        "failures": [[start + r, reason] for r, reason in failures],
+        "facts": {str(start + r): f for r, f in facts.items()},
+    }
+    st.write_json_atomic(_unit_done_path(ws, group, u), result)
+
+
+def phase_pixels(ws: Workspace, *, workers=1, shard=(0, 1)) -> None:
+    manifest = st.read_manifest(ws.store)
+    cfg = PreprocessConfig.from_json(manifest["config"])
+    every = [(g, u) for g in st.GROUPS for u in range(manifest["units"][g])]
+    jobs = [
+        job
+        for k, job in enumerate(every)
+        if k % shard[1] == shard[0] and not _unit_done_path(ws, *job).exists()
+    ]
+    progress = Progress(len(jobs), "pixels", "shards")
+    crashed = run_units(
+        _pixels_unit, jobs, (str(ws.store), str(ws.private), cfg.to_json()), workers, progress
+    )
+    for (g, u), reason in crashed:
+        work = json.loads((ws.plan_dir / f"{g}-{u:06d}.json").read_text())
+        failures = [[row, reason] for row in range(work["start"], work["stop"])]
+        st.write_json_atomic(_unit_done_path(ws, g, u), {"failures": failures, "facts": {}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 4: finalize.
+
+
+def _category(reason: str) -> str:
+    """The part of a reason that is safe in the store: exception text may quote header values."""
+    return reason.split(":", 1)[0].strip()
+
+
+def phase_finalize(ws: Workspace) -> dict:
+    manifest = st.read_manifest(ws.store)
+    missing = [
+        f"{g}-{u}"
+        for g in st.GROUPS
+        for u in range(manifest["units"][g])
+        if not _unit_done_path(ws, g, u).exists()
+    ]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} pixel units not done (first: {missing[0]}); run the remaining "
+            "`--phase pixels --shard I/N` jobs"
+        )
+    skipped = [tuple(x) for x in json.loads((ws.plan_dir / "skipped.json").read_text())]
+    failed_counts = {}
+    for g in st.GROUPS:
+        table = st.read_csv_columns(ws.store / g / "table.csv")
+        ok = np.ones(len(table["row"]), dtype=np.int64)
+        facts_by_row = {}
+        for u in range(manifest["units"][g]):
+            result = json.loads(_unit_done_path(ws, g, u).read_text())
+            work = json.loads((ws.plan_dir / f"{g}-{u:06d}.json").read_text())
+            for row, reason in result["failures"]:
+                ok[row] = 0
+                rel = row - work["start"]
+                paths = work["rows"][rel].get("path") or work["rows"][rel]["paths"][0]
+                skipped.append((paths, f"{g[:-1]} not decoded: {reason}"))
+            facts_by_row.update({int(k): v for k, v in result.get("facts", {}).items()})
+        table["ok"] = ok
+        for name in sorted({k for f in facts_by_row.values() for k in f}):
+            table[name] = [facts_by_row.get(i, {}).get(name, "") for i in range(len(ok))]
+        st.write_csv_atomic(ws.store / g / "table.csv", {k: list(v) for k, v in table.items()})
+        failed_counts[g] = int((ok == 0).sum())
+
+    skipped.sort()
+    st.write_csv_atomic(
+        ws.private / "skipped.csv",
+        {"path": [p for p, _ in skipped], "reason": [r for _, r in skipped]},
+    )
+    report = {
+        "skipped_by_reason": dict(sorted(Counter(_category(r) for _, r in skipped).items())),
+        "skipped_total": len(skipped),
+        "failed_items": failed_counts,
+    }
+    st.write_json_atomic(ws.store / "report.json", report)
+    manifest["state"] = "complete"
+    manifest["counts"].update(
+        {f"{g}_ok": manifest["counts"][g] - failed_counts[g] for g in st.GROUPS}
+    )
+    manifest["counts"]["skipped"] = len(skipped)
+    st.write_json_atomic(ws.store / "manifest.json", manifest)
+    return {"manifest": manifest, "report": report}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def preprocess(
+    inputs: Sequence[str | Path],
+    store: str | Path,
+    *,
+    cfg: PreprocessConfig | None = None,
+    schema: Schema | None = None,
+    private: str | Path | None = None,
+    salt: bytes | None = None,
+    salt_file: str | Path | None = None,
+    labels: str | Path | None = None,
+    workers: int = 1,
+    phases: Sequence[str] = PHASES,
+    shard: tuple[int, int] = (0, 1),
+    compression: str = "zstd",
+    overwrite: bool = False,
+) -> dict | None:
+    """Run the given phases; returns finalize's summary when it ran."""
+    cfg = cfg or PreprocessConfig()
+    schema = schema or Schema()
+    store = Path(store)
+    ws = Workspace(store, Path(private) if private else default_private(store))
+    ws.private.mkdir(parents=True, exist_ok=True)
+    if salt is None and ("scan" in phases or "plan" in phases):
+        salt = load_or_create_salt(salt_file or ws.private / "salt", forbidden_root=store)
+    if shard != (0, 1) and set(phases) - {"scan", "pixels"}:
+        raise ValueError("--shard applies to the scan and pixels phases only")
+    summary = None
+    if "scan" in phases:
+        phase_scan(inputs, ws, schema, cfg, salt, workers=workers, shard=shard)
+    if "plan" in phases:
+        phase_plan(
+            ws, schema, cfg, salt, labels=labels, compression=compression, overwrite=overwrite
+        )
+    if "pixels" in phases:
+        phase_pixels(ws, workers=workers, shard=shard)
+    if "finalize" in phases:
+        summary = phase_finalize(ws)
+    return summary
