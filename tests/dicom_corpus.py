@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 PLANTED_NAME = "ZORGLUBIA^QUENTINELLA"
 PLANTED_DATE = "19230517"
 PLANTED_ACCESSION = "ACCZ98765"
+PLANTED_INSTITUTION = "ZORGLUB MEMORIAL HOSPITAL"
 
 
 def planted_patient_id(n: int) -> str:
@@ -38,6 +39,7 @@ def copy_with_identity(src: str | Path, dst: Path, patient: int, tag: str, **ext
     ds.PatientBirthDate = PLANTED_DATE
     ds.StudyDate = PLANTED_DATE
     ds.AccessionNumber = PLANTED_ACCESSION
+    ds.InstitutionName = PLANTED_INSTITUTION
     ds.StudyInstanceUID = _uid(f"study-{patient}-{extra.pop('study', tag)}")
     ds.SeriesInstanceUID = _uid(f"series-{extra.pop('series', tag)}")
     ds.SOPInstanceUID = _uid(f"sop-{tag}")

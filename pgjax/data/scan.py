@@ -31,6 +31,14 @@ NATIVE_SYNTAXES = {
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
 }
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Header elements whose values, if they turn up inside free text, mark that text as identifying.
+PERSON_NAME_KEYWORDS = (
+    "PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
+    "NameOfPhysiciansReadingStudy", "RequestingPhysician", "PhysiciansOfRecord",
+)  # fmt: skip
+ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName")
+REDACTED = "<REDACTED>"
 
 
 @dataclasses.dataclass
@@ -161,6 +169,38 @@ def _pixel_problem(path: str, ds) -> str | None:
     return None
 
 
+def _identifying_words(ds) -> set[str]:
+    """Normalised words of this header's names and IDs (3+ characters; shorter ones are noise)."""
+    words = set()
+    for keyword in PERSON_NAME_KEYWORDS + ID_KEYWORDS:
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+        for v in values:
+            text = normalize_text(str(v).replace("^", " "), freetext=True)
+            words.update(w for w in text.split() if len(w) >= 3)
+    return words
+
+
+def redact_free_text(protocol: dict, ds, schema: Schema) -> dict:
+    """Free text that contains a name or ID from its own header is replaced by <REDACTED>.
+
+    The vocabulary's distinct-patient rule removes rare strings, but a name that recurs (a
+    radiographer's name typed into every series description) would pass it; this catches the
+    names the header itself declares.
+    """
+    words = _identifying_words(ds)
+    if not words:
+        return protocol
+    out = dict(protocol)
+    for field in schema.fields:
+        value = out.get(field.keyword)
+        if field.freetext and isinstance(value, str) and words & set(value.split()):
+            out[field.keyword] = REDACTED
+    return out
+
+
 def scan_file(root: str, path: str, schema: Schema, salt: bytes, site_from: str) -> ScanRecord:
     """Read one file's header into a ScanRecord (never raises on bad input)."""
     ds, reason = _read_header(path)
@@ -184,7 +224,7 @@ def scan_file(root: str, path: str, schema: Schema, salt: bytes, site_from: str)
         series = series or f"no-series:{sop}"
         patient_kind, patient = ("patient", patient) if patient else ("study-as-patient", study)
         geometry = [g.to_json() for g in frame_geometry(ds)]
-        protocol = read_protocol(ds, schema)
+        protocol = redact_free_text(read_protocol(ds, schema), ds, schema)
         try:
             instance_number = int(ds.get("InstanceNumber")) if "InstanceNumber" in ds else None
         except (TypeError, ValueError):

@@ -1,0 +1,1 @@
+"""Benchmarks. Each writes one JSON record under benchmarks/results/ (see record.py)."""
