@@ -10,11 +10,14 @@ import argparse
 import importlib
 import sys
 
+from pgjax import __version__
+
 COMMANDS = {
     "synth": "pgjax.commands.synth",
     "preprocess": "pgjax.commands.preprocess",
     "audit": "pgjax.commands.audit",
     "bench": "pgjax.commands.bench",
+    "demo": "pgjax.commands.demo",
 }
 
 _HELP = {
@@ -22,18 +25,23 @@ _HELP = {
     "preprocess": "DICOM files to a de-identified, tokenized TensorStore store",
     "audit": "scan a store for identifiers taken from source DICOM files",
     "bench": "benchmarks; results go to benchmarks/results/",
+    "demo": "the pipeline end to end on a small synthetic corpus",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="pgjax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pgjax", description="pgjax: Protocol Genome pretraining for medical images in JAX"
+    )
+    parser.add_argument("--version", action="version", version=f"pgjax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        sub.add_parser(name, help=_HELP.get(name, ""), add_help=False)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        sub.add_parser(name, help=_HELP[name], add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # --help, --version, or an error naming the unknown command
+        parser.print_help()
+        return 0
     module = importlib.import_module(COMMANDS[argv[0]])
     cmd = argparse.ArgumentParser(prog=f"pgjax {argv[0]}", description=module.HELP)
     module.add_arguments(cmd)

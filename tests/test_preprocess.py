@@ -16,9 +16,9 @@ import pydicom
 import pytest
 import tensorstore as ts
 from dicom_corpus import BROKEN, PLANTED_ACCESSION, PLANTED_DATE, PLANTED_NAME, real_corpus
-from pgjax.data.audit import audit_store, collect_identifiers
 
 from pgjax.data import store as st
+from pgjax.data.audit import audit_store, collect_identifiers
 from pgjax.data.config import PreprocessConfig
 from pgjax.data.preprocess import preprocess
 

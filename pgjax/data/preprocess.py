@@ -36,6 +36,7 @@ from pgjax import __version__
 from pgjax.data import store as st
 from pgjax.data.config import PreprocessConfig
 from pgjax.data.deid import load_or_create_salt
+from pgjax.data.protocol import check_schema
 from pgjax.data.scan import ScanRecord, list_files, scan_chunk
 from pgjax.data.schema import Schema
 from pgjax.data.tokenizer import MISSING
@@ -520,6 +521,7 @@ def preprocess(
     """Run the given phases; returns finalize's summary when it ran."""
     cfg = cfg or PreprocessConfig()
     schema = schema or Schema()
+    check_schema(schema)  # a schema naming an identifier is refused before any file is read
     store = Path(store)
     ws = Workspace(store, Path(private) if private else default_private(store))
     ws.private.mkdir(parents=True, exist_ok=True)
