@@ -1,6 +1,7 @@
 """The `pgjax` command: one entry point, one module per subcommand in pgjax/commands/.
 
-Each command module defines `HELP`, `add_arguments(parser)` and `run(args) -> int`. Modules are
+Each command module defines `HELP`, `add_arguments(parser)` and `run(args) -> int`, and may
+define `split_argv(argv) -> (argv, extra)` to take arguments argparse cannot declare. Modules are
 imported only when their command runs, so `pgjax --help` does not import JAX.
 """
 
@@ -18,6 +19,7 @@ COMMANDS = {
     "audit": "pgjax.commands.audit",
     "bench": "pgjax.commands.bench",
     "demo": "pgjax.commands.demo",
+    "train": "pgjax.commands.train",
 }
 
 _HELP = {
@@ -26,6 +28,7 @@ _HELP = {
     "audit": "scan a store for identifiers taken from source DICOM files",
     "bench": "benchmarks; results go to benchmarks/results/",
     "demo": "the pipeline end to end on a small synthetic corpus",
+    "train": "pretrain from a config file (resumes from the last checkpoint)",
 }
 
 
@@ -45,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[argv[0]])
     cmd = argparse.ArgumentParser(prog=f"pgjax {argv[0]}", description=module.HELP)
     module.add_arguments(cmd)
-    args = cmd.parse_args(argv[1:])
+    rest, extra = argv[1:], []
+    if hasattr(module, "split_argv"):  # e.g. train's free-form --config.KEY=VALUE overrides
+        rest, extra = module.split_argv(rest)
+    args = cmd.parse_args(rest)
+    args.extra = extra
     return int(module.run(args) or 0)
 
 

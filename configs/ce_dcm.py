@@ -1,0 +1,11 @@
+"""Baseline: CE+DCM (Hu et al. 2020): context-encoder inpainting with a projection
+discriminator conditioned on DICOM tags, hinge loss, alternating updates. ResNet-50 as in the
+paper."""
+
+from pgjax.train.defaults import base_config, only, shrink_for_cpu
+
+
+def get_config(arg: str = ""):
+    c = only(base_config(), "ce_dcm")
+    c.model.image_encoder = "resnet50"
+    return shrink_for_cpu(c) if arg == "tiny" else c

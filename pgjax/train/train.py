@@ -1,0 +1,369 @@
+"""`pgjax train`: pretraining, readable top to bottom.
+
+    1. set up: processes, mesh, store vocabulary, objective, optimizer
+    2. create the train state (sharded by the config's rules), or restore the latest checkpoint
+    3. the train step: one jitted, donated update (gradient accumulation, NaN guard inside)
+    4. the loop: Grain batches -> global arrays -> step -> metrics, progress, checkpoints
+
+The state is a plain dict pytree: step, params, opt_state, model_state (e.g. BatchNorm
+statistics), and the discriminator's optimizer state for CE+DCM. A batch is a pure function
+of (seed, step), and so is the step's random key: a run restarted from a checkpoint reaches the
+same parameters as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from pgjax.progress import Progress
+from pgjax.train import checkpoint as ckpt
+from pgjax.train import mesh as mesh_lib
+from pgjax.train.input_pipeline import InputConfig, make_iterator, to_global
+from pgjax.train.objectives import ProtocolInfo, build_objective
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Set-up.
+
+
+def input_config(config) -> InputConfig:
+    i = config.input
+    return InputConfig(
+        store=str(i.store), group=i.group, splits=tuple(i.splits), global_batch=i.global_batch,
+        seed=config.seed, workers=i.workers, prefetch=i.prefetch,
+    )  # fmt: skip
+
+
+def protocol_info(store_path: str) -> ProtocolInfo:
+    from pgjax.data.store import open_store
+
+    return ProtocolInfo.from_vocabulary(open_store(store_path).vocabulary())
+
+
+def make_optimizer(o, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=o.lr,
+        warmup_steps=min(o.warmup_steps, max(1, total_steps // 2)),
+        decay_steps=total_steps,
+        end_value=o.lr * o.final_lr_ratio,
+    )
+
+    def decay_mask(params):
+        # No weight decay on biases, norm scales, embeddings of position/cls, temperatures.
+        return jax.tree_util.tree_map_with_path(
+            lambda path, p: p.ndim >= 2 and "pos_embed" not in mesh_lib.path_name(path), params
+        )
+
+    tx = optax.chain(
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def prepare_batch(batch: dict) -> dict:
+    """Stored integers -> float images in [0, 1] with a channel axis; masks to float."""
+    pixels = batch["pixels"]
+    scale = 255.0 if pixels.dtype == jnp.uint8 else 65535.0
+    return {
+        "image": (pixels.astype(jnp.float32) / scale)[..., None],
+        "tokens": batch["tokens"].astype(jnp.int32),
+        "values": batch["values"].astype(jnp.float32),
+        "value_mask": batch["value_mask"].astype(jnp.float32),
+    }
+
+
+@dataclasses.dataclass
+class Setup:
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    objective: object
+    tx: optax.GradientTransformation
+    tx_disc: optax.GradientTransformation | None
+    schedule: optax.Schedule
+    input_cfg: InputConfig
+
+
+def setup(config) -> Setup:
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+    objective = build_objective(config, protocol_info(config.input.store), mesh)
+    tx, schedule = make_optimizer(config.optim, config.total_steps)
+    tx_disc = optax.adam(config.optim.disc_lr, b1=0.5) if objective.has_discriminator else None
+    return Setup(config, mesh, objective, tx, tx_disc, schedule, input_config(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The train state.
+
+
+def _split_disc(params):
+    rest = {k: v for k, v in params.items() if k != "disc"}
+    return rest, params.get("disc")
+
+
+def init_state(s: Setup, rng, example_batch) -> dict:
+    variables = s.objective.init(rng, example_batch)
+    params = variables["params"]
+    model_params, disc_params = _split_disc(params)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": s.tx.init(model_params),
+        "model_state": {k: v for k, v in variables.items() if k != "params"},
+        # NaN guard bookkeeping: how many steps were skipped, and the first one.
+        "nonfinite_steps": jnp.zeros((), jnp.int32),
+        "first_nonfinite_step": jnp.full((), -1, jnp.int32),
+    }
+    if disc_params is not None:
+        state["disc_opt_state"] = s.tx_disc.init(disc_params)
+    return state
+
+
+def state_shardings(s: Setup, abstract_state):
+    rules = tuple(tuple(r) for r in s.config.sharding_rules)
+    return mesh_lib.tree_shardings(abstract_state, s.mesh, rules)
+
+
+def abstract_state(s: Setup, example_batch) -> tuple[dict, object]:
+    """Shapes and shardings of the state, without computing it."""
+    rng = jax.random.key(s.config.seed)
+    abstract = jax.eval_shape(lambda r, b: init_state(s, r, b), rng, example_batch)
+    return abstract, state_shardings(s, abstract)
+
+
+def create_state(s: Setup, example_batch, shardings) -> dict:
+    """The initial state, created directly in its sharded layout (never whole on one device)."""
+    rng = jax.random.key(s.config.seed)
+    return jax.jit(lambda r, b: init_state(s, r, b), out_shardings=shardings)(rng, example_batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The train step.
+
+
+def _micro_batches(batch: dict, n: int, mesh) -> dict:
+    """[B, ...] -> [n, B/n, ...], each micro-batch spread over every device.
+
+    Rows a, a+n, a+2n... form micro-batch a, so each device keeps an equal share of each.
+    """
+    out = {}
+    spec = jax.sharding.PartitionSpec(None, mesh_lib.BATCH_AXES)
+    for k, x in batch.items():
+        x = jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+        out[k] = jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+    return out
+
+
+def train_step(s: Setup, state: dict, raw_batch: dict) -> tuple[dict, dict]:
+    objective, config = s.objective, s.config
+    step = state["step"]
+    rng = jax.random.fold_in(jax.random.key(config.seed), step)
+    rng_d, rng_g = jax.random.split(rng)
+    batch = prepare_batch(raw_batch)
+    params = state["params"]
+    metrics = {}
+
+    new_disc_opt = state.get("disc_opt_state")
+    if objective.has_discriminator:
+        # Discriminator first, against the current generator (alternating updates).
+        def disc_loss(disc_params):
+            variables = {"params": {**params, "disc": disc_params}, **state["model_state"]}
+            return objective.disc_loss(variables, batch, rng_d)
+
+        (_, d_metrics), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(params["disc"])
+        d_updates, new_disc_opt = s.tx_disc.update(d_grads, new_disc_opt, params["disc"])
+        params = {**params, "disc": optax.apply_updates(params["disc"], d_updates)}
+        metrics.update({f"disc/{k}": v for k, v in d_metrics.items()})
+
+    model_params, disc_params = _split_disc(params)
+
+    def loss_fn(mp, model_state, micro, key):
+        full = dict(mp, disc=disc_params) if disc_params is not None else mp
+        loss, m, new_model_state = objective.loss({"params": full, **model_state}, micro, key)
+        return loss, (m, new_model_state)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    n_micro = config.optim.accum_steps
+    if n_micro == 1:
+        (loss, (m, model_state)), grads = grad_fn(model_params, state["model_state"], batch, rng_g)
+    else:
+        micro = _micro_batches(batch, n_micro, s.mesh)
+
+        def body(carry, xs):
+            grads_acc, model_state = carry
+            mb, k = xs
+            (loss, (m, model_state)), g = grad_fn(model_params, model_state, mb, k)
+            return (jax.tree.map(jnp.add, grads_acc, g), model_state), (loss, m)
+
+        zeros = jax.tree.map(jnp.zeros_like, model_params)
+        keys = jax.random.split(rng_g, n_micro)
+        (grads, model_state), (losses, ms) = jax.lax.scan(
+            body, (zeros, state["model_state"]), (micro, keys)
+        )
+        grads = jax.tree.map(lambda g: g / n_micro, grads)
+        loss, m = losses.mean(), jax.tree.map(jnp.mean, ms)
+
+    updates, opt_state = s.tx.update(grads, state["opt_state"], model_params)
+    new_model_params = optax.apply_updates(model_params, updates)
+    grad_norm = optax.global_norm(grads)
+    # NaN guard: a non-finite step changes nothing but the counters, so the parameters (and
+    # the next checkpoint) stay the last good ones; the host stops the run on the next check.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    new_params = (
+        dict(new_model_params, disc=params["disc"])
+        if disc_params is not None
+        else (new_model_params)
+    )
+    new_state = {
+        "step": step + 1,
+        "params": keep_if_finite(new_params, state["params"]),
+        "opt_state": keep_if_finite(opt_state, state["opt_state"]),
+        "model_state": keep_if_finite(model_state, state["model_state"]),
+        "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
+        "first_nonfinite_step": jnp.where(
+            (state["first_nonfinite_step"] < 0) & ~finite, step, state["first_nonfinite_step"]
+        ),
+    }
+    if disc_params is not None:
+        new_state["disc_opt_state"] = keep_if_finite(new_disc_opt, state["disc_opt_state"])
+    metrics.update(m)
+    metrics.update(loss=loss, grad_norm=grad_norm, lr=s.schedule(step), finite=finite)
+    return new_state, metrics
+
+
+def compile_step(s: Setup, shardings):
+    batch_sharding = mesh_lib.batch_sharding(s.mesh)
+    return jax.jit(
+        lambda state, batch: train_step(s, state, batch),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, mesh_lib.replicated(s.mesh)),
+        donate_argnums=(0,),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The loop.
+
+
+class MetricsWriter:
+    """metrics.jsonl in the workdir (process 0 only), and TensorBoard where installed."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if self.enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _check_finite(state: dict, stopped_at: int, manager) -> None:
+    if int(state["nonfinite_steps"]) > 0:
+        last = manager.latest_step()
+        raise NonFiniteLoss(
+            f"non-finite loss or gradient at step {int(state['first_nonfinite_step'])}; "
+            f"stopped at step {stopped_at}. That step's update was not applied, and the last "
+            f"good checkpoint (step {last}) is untouched."
+        )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, max_steps: int | None = None):
+    """Train until config.total_steps (or max_steps more steps, for tests and benchmarks)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    s = setup(config)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+
+    # The first batch gives the shapes for init; the iterator is then placed at the start step.
+    probe, _ = make_iterator(s.input_cfg, 0, jax.process_index(), jax.process_count())
+    batch_sharding = mesh_lib.batch_sharding(s.mesh)
+    example = prepare_batch(to_global(next(probe), batch_sharding))
+    _close(probe)
+    abstract, shardings = abstract_state(s, example)
+
+    manager = ckpt.manager(workdir, keep=config.keep_checkpoints)
+    data_state = None
+    if manager.latest_step() is not None:
+        state, data_state = ckpt.restore(manager, manager.latest_step(), abstract, shardings)
+    else:
+        state = create_state(s, example, shardings)
+    start = int(state["step"])
+    it = ckpt.positioned_iterator(s.input_cfg, data_state, start)
+
+    step_fn = compile_step(s, shardings)
+    end = config.total_steps if max_steps is None else min(config.total_steps, start + max_steps)
+    writer = MetricsWriter(workdir)
+    progress = Progress(end - start, "train", "steps", every_s=30)
+    pending = None  # the previous step's metrics: checked one step late, so nothing stalls
+    window_start, window_steps = time.perf_counter(), 0
+    step = start
+    try:
+        while step < end:
+            batch = to_global(next(it), batch_sharding)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            window_steps += 1
+            if pending is not None and not bool(pending["finite"]):
+                _check_finite(state, step, manager)
+            pending = metrics
+            if step % config.log_every == 0 or step == end:
+                _check_finite(state, step, manager)
+                elapsed = time.perf_counter() - window_start
+                rate = window_steps / elapsed
+                extra = {"steps_per_s": rate, "images_per_s": rate * config.input.global_batch}
+                writer.write(step, {**jax.device_get(metrics), **extra})
+                window_start, window_steps = time.perf_counter(), 0
+                progress.update(0, f"loss {float(metrics['loss']):.4f}")
+            progress.update()
+            if step % config.checkpoint_every == 0 or step == end:
+                _check_finite(state, step, manager)
+                ckpt.save(manager, step, state, it, s.input_cfg)
+        manager.wait_until_finished()
+    finally:
+        writer.close()
+        _close(it)
+        manager.close()
+    return state
+
+
+def _close(iterator) -> None:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
