@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
         protocol_encoder="s",
         protocol_encoder_kw={},
         embed_dim=512,
-        fusion=dict(depth=2, heads=8),
+        fusion=dict(depth=2, num_heads=8, width=512, mlp_dim=2048),
         dtype="bfloat16",  # compute dtype; parameters stay float32
     )
     c.objectives = dict(
@@ -82,7 +82,7 @@ def shrink_for_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     c.model.protocol_encoder = "mu"
     c.model.embed_dim = 32
-    c.model.fusion = dict(depth=1, heads=2)
+    c.model.fusion = dict(depth=1, num_heads=2, width=32, mlp_dim=64)
     c.model.dtype = "float32"
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 5

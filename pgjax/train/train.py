@@ -218,7 +218,7 @@ def train_step(s: Setup, state: dict, raw_batch: dict) -> tuple[dict, dict]:
 
     updates, opt_state = s.tx.update(grads, state["opt_state"], model_params)
     new_model_params = optax.apply_updates(model_params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     # NaN guard: a non-finite step changes nothing but the counters, so the parameters (and
     # the next checkpoint) stay the last good ones; the host stops the run on the next check.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -350,8 +350,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, max_steps: 
                 extra = {"steps_per_s": rate, "images_per_s": rate * config.input.global_batch}
                 writer.write(step, {**jax.device_get(metrics), **extra})
                 window_start, window_steps = time.perf_counter(), 0
-                progress.update(0, f"loss {float(metrics['loss']):.4f}")
-            progress.update()
+            progress.update(
+                1, f"loss {float(pending['loss']):.4f}" if step % config.log_every == 0 else ""
+            )
             if step % config.checkpoint_every == 0 or step == end:
                 _check_finite(state, step, manager)
                 ckpt.save(manager, step, state, it, s.input_cfg)
