@@ -5,6 +5,5 @@ from pgjax.train.defaults import base_config, only, shrink_for_cpu
 
 def get_config(arg: str = ""):
     c = only(base_config(), "simclr")
-    # SimCLR needs strong views (Chen et al. 2020), still without flips (anatomy).
-    c.augment = dict(crop_scale=(0.3, 1.0), brightness=0.4, contrast=0.4, noise=0.05)
+    # Its two views use the "simclr" augmentation preset (Chen et al. 2020, without flips).
     return shrink_for_cpu(c) if arg == "tiny" else c

@@ -72,51 +72,88 @@ def losses(workdir: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_every_tiny_config_learns(name, store, tmp_path):
+# Every test trains the same program (same config, same total_steps: the learning-rate
+# schedule is compiled in), so the persistent compilation cache compiles it once.
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def straight(store, tmp_path_factory):
+    """The reference: configs/pg.py:tiny trained for STEPS steps without interruption."""
     from pgjax.train.train import train
 
-    config = tiny(name, store, "total_steps=40", "checkpoint_every=40")
-    train(config, tmp_path)
-    curve = losses(tmp_path)
-    assert len(curve) == 40 and all(np.isfinite(curve))
+    workdir = tmp_path_factory.mktemp("straight")
+    train(tiny("pg", store, f"total_steps={STEPS}", "checkpoint_every=10"), workdir)
+    return workdir
+
+
+def assert_learns(workdir: Path, name: str) -> None:
+    curve = losses(workdir)
+    assert len(curve) == STEPS and all(np.isfinite(curve))
     first, last = np.mean(curve[:5]), np.mean(curve[-5:])
     assert last < first, f"{name}: loss did not fall ({first:.4f} -> {last:.4f})"
 
 
-def test_stop_and_resume_equals_uninterrupted(store, tmp_path):
+def test_protocol_genome_learns(straight):
+    assert_learns(straight, "pg")
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    # Every objective term, the temperature, the learning rate and the gradient norm are logged.
+    keys = set(rows[-1])
+    assert {"loss", "lr", "grad_norm", "steps_per_s", "images_per_s"} <= keys
+    assert any("temperature" in k for k in keys), keys
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c != "pg"])
+def test_every_tiny_config_learns(name, store, tmp_path):
     from pgjax.train.train import train
 
-    config = tiny("pg", store, "total_steps=12", "checkpoint_every=4")
-    train(config, tmp_path / "straight")
-    train(config, tmp_path / "resumed", max_steps=6)  # checkpoint at 4; 5-6 are lost
-    assert ckpt.manager(tmp_path / "resumed").latest_step() == 6
-    train(config, tmp_path / "resumed")
-    assert_trees_close(final_params(tmp_path / "straight"), final_params(tmp_path / "resumed"))
+    train(tiny(name, store, f"total_steps={STEPS}", "checkpoint_every=10"), tmp_path)
+    assert_learns(tmp_path, name)
 
 
-def test_restore_onto_another_mesh(store, tmp_path):
+def test_stop_and_resume_equals_uninterrupted(store, straight, tmp_path):
+    from pgjax.train.train import train
+
+    config = tiny("pg", store, f"total_steps={STEPS}", "checkpoint_every=10")
+    train(config, tmp_path, max_steps=15)  # checkpoints at 10 and 15
+    assert ckpt.manager(tmp_path).latest_step() == 15
+    train(config, tmp_path)
+    assert_trees_close(final_params(straight), final_params(tmp_path))
+
+
+def test_restore_onto_another_mesh(store, straight, tmp_path):
     """Checkpoint on an 8x1 (data x fsdp) mesh, continue on 2x4 with sharded parameters."""
     from pgjax.train.train import train
 
-    config = tiny("pg", store, "total_steps=8", "checkpoint_every=4")
-    train(config, tmp_path / "a")
-    train(config, tmp_path / "b", max_steps=4)
-    other = tiny("pg", store, "total_steps=8", "checkpoint_every=4", "mesh.data=2", "mesh.fsdp=4")
-    train(other, tmp_path / "b")
+    train(tiny("pg", store, f"total_steps={STEPS}", "checkpoint_every=10"), tmp_path, max_steps=10)
+    other = tiny("pg", store, f"total_steps={STEPS}", "checkpoint_every=10", "mesh.data=2",
+                 "mesh.fsdp=4")  # fmt: skip
+    train(other, tmp_path)
     # Same computation, different reduction order across devices: close, not bit-equal.
-    assert_trees_close(final_params(tmp_path / "a"), final_params(tmp_path / "b"), atol=1e-4)
+    assert_trees_close(final_params(straight), final_params(tmp_path), atol=1e-4)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path):
+    """A store whose numeric values turn infinite after a few batches stops the run."""
+    import shutil
+
+    import tensorstore as ts
+
     from pgjax.train.train import NonFiniteLoss, train
 
-    config = tiny("pg", store, "total_steps=20", "checkpoint_every=2", "optim.lr=1e30",
-                  "optim.warmup_steps=1", "optim.clip_norm=1e30")  # fmt: skip
-    with pytest.raises(NonFiniteLoss, match=r"non-finite loss or gradient at step \d+"):
-        train(config, tmp_path)
-    for leaf in jax.tree.leaves(final_params(tmp_path)):
-        assert np.all(np.isfinite(np.asarray(leaf)))
+    bad = tmp_path / "store"
+    shutil.copytree(store, bad)
+    values = ts.open(
+        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(bad / "images/values")}}
+    ).result()
+    poisoned = values.read().result()
+    poisoned[:, :] = np.inf
+    values.write(poisoned).result()
+    config = tiny("pg", bad, f"total_steps={STEPS}", "checkpoint_every=10")
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss or gradient at step 0"):
+        train(config, tmp_path / "run")
+    assert ckpt.manager(tmp_path / "run").latest_step() is None  # nothing bad was saved
 
 
 def _train_cmd(store: Path, workdir: Path, *extra: str) -> list[str]:
@@ -127,12 +164,9 @@ def _train_cmd(store: Path, workdir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_killed_training_resumes_to_the_same_parameters(store, tmp_path):
+def test_killed_training_resumes_to_the_same_parameters(store, straight, tmp_path):
     """SIGKILL a real `pgjax train` after its second checkpoint; rerun the command."""
-    from pgjax.train.train import train
-
-    extra = ["--config.total_steps=16", "--config.checkpoint_every=2", "--config.log_every=1"]
-    train(tiny("pg", store, "total_steps=16", "checkpoint_every=2"), tmp_path / "straight")
+    extra = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=2", "--config.log_every=1"]
     cmd = _train_cmd(store, tmp_path / "killed", *extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckdir = tmp_path / "killed" / "checkpoints"
@@ -145,17 +179,14 @@ def test_killed_training_resumes_to_the_same_parameters(store, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert_trees_close(final_params(tmp_path / "straight"), final_params(tmp_path / "killed"))
+    assert_trees_close(final_params(straight), final_params(tmp_path / "killed"))
 
 
-def test_two_processes_equal_one(store, tmp_path):
+def test_two_processes_equal_one(store, straight, tmp_path):
     """Two jax.distributed processes on loopback (4 CPU devices each) == one process with 8."""
-    from pgjax.train.train import train
-
-    steps = ["--config.total_steps=6", "--config.checkpoint_every=6"]
-    train(tiny("pg", store, "total_steps=6", "checkpoint_every=6"), tmp_path / "one")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    steps = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=10"]
+    flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     port = 20000 + os.getpid() % 20000
     procs = [
         subprocess.Popen(
@@ -179,4 +210,4 @@ def test_two_processes_equal_one(store, tmp_path):
     outputs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
-    assert_trees_close(final_params(tmp_path / "one"), final_params(tmp_path / "two"), atol=1e-5)
+    assert_trees_close(final_params(straight), final_params(tmp_path / "two"), atol=1e-4)

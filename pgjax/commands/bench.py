@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "benchmarks (preprocess); records go to benchmarks/results/"
+HELP = "benchmarks (preprocess, train, report); records go to benchmarks/results/"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,6 +14,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pre.add_argument("--studies", type=int, default=60, help="synthetic corpus size")
     pre.add_argument("--workers", default="1,2", help="worker counts to measure, e.g. 1,2")
     pre.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
+    tr = sub.add_parser("train", help="train step time, images/s, XLA FLOPs, MFU")
+    tr.add_argument("--config", required=True, help="configs/NAME.py[:VARIANT]")
+    tr.add_argument("--steps", type=int, default=10, help="timed steps per setting")
+    tr.add_argument("--batches", default="", help="global batch sizes to sweep, e.g. 8,16,32")
+    tr.add_argument("--devices", default="", help="device counts to sweep, e.g. 1,2,4,8")
+    tr.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
+    rep = sub.add_parser("report", help="all records as benchmarks/README.md")
+    rep.add_argument("--results", default="benchmarks/results")
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`pgjax bench train` takes --config.KEY=VALUE overrides like `pgjax train`."""
+    overrides = [a[len("--config.") :] for a in argv if a.startswith("--config.")]
+    return [a for a in argv if not a.startswith("--config.")], overrides
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def run(args) -> int:
@@ -25,4 +43,16 @@ def run(args) -> int:
         workers = [int(w) for w in args.workers.split(",") if w]
         path = run_bench([Path(p) for p in args.inputs], args.studies, workers, args.out)
         print(f"record: {path}")
+    elif args.bench == "train":
+        from pgjax.bench.train import run_bench as run_train_bench
+
+        path = run_train_bench(
+            args.config, args.extra, steps=args.steps, batches=_ints(args.batches),
+            device_counts=_ints(args.devices), out_dir=args.out,
+        )  # fmt: skip
+        print(f"record: {path}")
+    elif args.bench == "report":
+        from pgjax.bench.report import write_report
+
+        print(f"report: {write_report(args.results)}")
     return 0

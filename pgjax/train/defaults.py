@@ -42,13 +42,17 @@ def base_config() -> ml_collections.ConfigDict:
         contrastive=dict(weight=1.0, kind="siglip", method="ring"),
         masked_protocol=dict(weight=1.0, rate=0.3, numeric_weight=1.0),
         translation=dict(weight=0.5, source=ACQUISITION_FIELDS, target=DEVICE_FIELDS),
-        simclr=dict(weight=0.0, temperature=0.1),
-        mae=dict(weight=0.0, mask_ratio=0.75),
+        # SimCLR draws its two views with its own, strong augmentation (pgjax/train/augment.py).
+        simclr=dict(weight=0.0, temperature=0.1, augment=dict(preset="simclr")),
+        mae=dict(weight=0.0, mask_ratio=0.75, decoder={}),
         dcm=dict(weight=0.0),
-        ce_dcm=dict(weight=0.0, hole=0.25, adv_weight=0.001, tags=DEVICE_FIELDS),
+        # A central hole of half the image side, as in Pathak et al. 2016 and Hu et al. 2020.
+        ce_dcm=dict(weight=0.0, hole=0.5, adv_weight=0.001, tags=DEVICE_FIELDS),
     )
-    # Mild by default (ours): no flips, because left and right are anatomy.
-    c.augment = dict(crop_scale=(0.8, 1.0), brightness=0.1, contrast=0.1, noise=0.0)
+    # What every other objective sees: random crops only (ours). No intensity jitter: intensity
+    # and noise texture carry kVp, kernel and field strength, the signal the protocol objectives
+    # learn from; no flips: left and right are anatomy.
+    c.augment = dict(preset="light")
     c.optim = dict(
         lr=1e-3,  # peak, for global batch 256 (ours; scale linearly with the batch)
         warmup_steps=1000,
@@ -83,6 +87,7 @@ def shrink_for_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.protocol_encoder = "mu"
     c.model.embed_dim = 32
     c.model.fusion = dict(depth=1, num_heads=2, width=32, mlp_dim=64)
+    c.objectives.mae.decoder = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
     c.model.dtype = "float32"
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 5

@@ -1,0 +1,94 @@
+"""`pgjax bench report`: every record under benchmarks/results/ as one Markdown page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PRE_HEADER = (
+    "| time (UTC) | machine | files | workers | pydicom decode-only files/s "
+    "| pipeline files/s | ratio |"
+)
+TRAIN_HEADER = (
+    "| time (UTC) | machine | config | devices | global batch | steps/s | images/s "
+    "| GFLOP/step | MFU | host overhead |"
+)
+
+
+def _rule(header: str) -> str:
+    return "|" + "---|" * (header.count("|") - 1)
+
+
+def _machine(r: dict) -> str:
+    m = r["machine"]
+    device = r["settings"].get("device_kind")
+    return f"{m['cpu']} ({m['cores']} cores)" + (f", {device}" if device else "")
+
+
+def _preprocess_rows(r: dict) -> list[str]:
+    rows = []
+    for key, f in sorted(r["figures"].items()):
+        if not key.startswith("workers_"):
+            continue
+        rows.append(
+            f"| {r['time_utc']} | {_machine(r)} | {r['figures']['files']} | {key[8:]} | "
+            f"{f['decode_only_files_per_s']:.1f} | {f['pipeline_files_per_s']:.1f} | "
+            f"{f['ratio_pipeline_to_decode_only']:.2f} |"
+        )
+    return rows
+
+
+def _train_rows(r: dict) -> list[str]:
+    rows = []
+    for run in r["figures"]["runs"]:
+        mfu = f"{run['mfu']:.1%}" if run.get("mfu") else "n/a"
+        host = run.get("host_overhead_share")
+        rows.append(
+            f"| {r['time_utc']} | {_machine(r)} | {r['settings']['config']} | "
+            f"{run['devices']} | {run['global_batch']} | {run['steps_per_s']:.2f} | "
+            f"{run['images_per_s']:.1f} | {run['flops_per_step'] / 1e9:.2f} | {mfu} | "
+            f"{'n/a' if host is None else f'{host:.1%}'} |"
+        )
+    return rows
+
+
+def write_report(results_dir: str | Path = "benchmarks/results") -> Path:
+    results_dir = Path(results_dir)
+    records = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    lines = ["# Benchmark results", "",
+             "Made by `pgjax bench report` from the JSON records in `results/`; each row names",
+             "the machine it was measured on.", ""]  # fmt: skip
+    pre = [row for r in records if r["benchmark"] == "preprocess" for row in _preprocess_rows(r)]
+    if pre:
+        lines += ["## Preprocessing (`pgjax bench preprocess`)", "", PRE_HEADER, _rule(PRE_HEADER)]
+        lines += [*pre, ""]
+    train = [row for r in records if r["benchmark"] == "train" for row in _train_rows(r)]
+    if train:
+        lines += ["## Training step (`pgjax bench train`)", "", TRAIN_HEADER, _rule(TRAIN_HEADER)]
+        lines += [*train, ""]
+    out = results_dir.parent / "README.md"
+    out.write_text("\n".join(lines) + "\n")
+    _plot(records, results_dir.parent / "train_scaling.png")
+    return out
+
+
+def _plot(records: list[dict], path: Path) -> None:
+    runs = [run for r in records if r["benchmark"] == "train" for run in r["figures"]["runs"]]
+    if not runs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for b in sorted({r["global_batch"] for r in runs}):
+        pts = sorted((r["devices"], r["images_per_s"]) for r in runs if r["global_batch"] == b)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=f"batch {b}")
+    ax.set_xlabel("devices")
+    ax.set_ylabel("images/s")
+    ax.set_title("train step throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,172 @@
+"""`pgjax bench train`: step time, throughput, XLA FLOPs and MFU of a config's train step.
+
+Measured:
+- the compiled step alone, on one device-resident batch (the compute limit);
+- the real loop with batches from the store through Grain (when a store is given): the
+  difference is host overhead, the share of step time spent outside the compiled step;
+- the same at other global batch sizes and device counts (a sub-mesh of the devices).
+
+FLOPs come from XLA's cost analysis of the compiled step; MFU divides them by the step time and
+the device's peak dense bf16 FLOP/s, where the device kind is in PEAK_FLOPS (the CPU has none).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from pgjax.bench.record import write_record
+
+# Peak dense bf16 FLOP/s per device (vendor datasheets).
+PEAK_FLOPS = {
+    "NVIDIA H100": 989e12,  # SXM; the PCIe card is 756e12
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+}
+
+
+def peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    if "H100" in kind and "PCIe" in kind:
+        return 756e12
+    return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+def _random_batch(config, info, image_shape, batch: int) -> dict:
+    rng = np.random.default_rng(0)
+    tokens = np.full((batch, len(info.keywords)), 1, np.int32)
+    for f, (start, stop) in enumerate(info.field_ranges):
+        if stop > start:
+            tokens[:, f] = rng.integers(start, stop, size=batch)
+    return {
+        "pixels": rng.integers(0, 255, size=(batch, *image_shape), dtype=np.uint8),
+        "tokens": tokens,
+        "values": rng.normal(size=tokens.shape).astype(np.float32),
+        "value_mask": (rng.random(tokens.shape) < 0.5).astype(np.uint8),
+    }
+
+
+def measure_step(config, info, image_shape, devices, steps: int) -> dict:
+    """Compile and time the train step on a sub-mesh of `devices`, on a resident batch."""
+    from pgjax.train import mesh as mesh_lib
+    from pgjax.train import train as T
+    from pgjax.train.objectives import build_objective
+
+    mesh = mesh_lib.make_mesh(len(devices) // config.mesh.fsdp, config.mesh.fsdp, devices)
+    objective = build_objective(config, info, mesh)
+    tx, schedule = T.make_optimizer(config.optim, config.total_steps)
+    tx_disc = None
+    if objective.has_discriminator:
+        import optax
+
+        tx_disc = optax.adam(config.optim.disc_lr, b1=0.5)
+    s = T.Setup(config, mesh, objective, tx, tx_disc, schedule, None)
+    sharding = mesh_lib.batch_sharding(mesh)
+    raw = _random_batch(config, info, image_shape, config.input.global_batch)
+    batch = {k: jax.device_put(v, sharding) for k, v in raw.items()}
+    example = T.prepare_batch(batch)
+    abstract, shardings = T.abstract_state(s, example)
+    state = T.create_state(s, example, shardings)
+    t0 = time.perf_counter()
+    compiled = T.compile_step(s, shardings).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    state, metrics = compiled(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - t0) / steps
+    peak = peak_flops(devices[0])
+    return {
+        "devices": len(devices),
+        "global_batch": config.input.global_batch,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "steps_per_s": 1 / step_s,
+        "images_per_s": config.input.global_batch / step_s,
+        "flops_per_step": flops,  # XLA's count for the whole SPMD program (all devices)
+        "mfu": flops / step_s / (peak * len(devices)) if peak and flops else None,
+        "state": state,
+        "compiled": compiled,
+        "setup": s,
+    }
+
+
+def measure_loop(config, m: dict, steps: int) -> dict:
+    """The real loop (store -> Grain -> global arrays -> step): host overhead share."""
+    from pgjax.train import mesh as mesh_lib
+    from pgjax.train.input_pipeline import make_iterator, to_global
+    from pgjax.train.train import input_config
+
+    it, _ = make_iterator(input_config(config), 0, jax.process_index(), jax.process_count())
+    sharding = mesh_lib.batch_sharding(m["setup"].mesh)
+    state, compiled = m["state"], m["compiled"]
+    state, metrics = compiled(state, to_global(next(it), sharding))
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, to_global(next(it), sharding))
+    jax.block_until_ready(metrics)
+    loop_s = (time.perf_counter() - t0) / steps
+    close = getattr(it, "close", None)
+    if close:
+        close()
+    return {
+        "loop_step_s": loop_s,
+        "loop_images_per_s": config.input.global_batch / loop_s,
+        "host_overhead_share": max(0.0, 1 - m["step_s"] / loop_s),
+    }
+
+
+def run_bench(config_path: str, overrides, *, steps: int, batches, device_counts, out_dir):
+    from pgjax.train.config_lib import load_config
+    from pgjax.train.train import protocol_info
+
+    config = load_config(config_path, overrides)
+    store = str(config.input.store)
+    from pgjax.data.store import read_manifest
+
+    manifest = read_manifest(store)
+    info = protocol_info(store)
+    image_shape = manifest["arrays"][f"{config.input.group}/pixels"]["shape"][1:]
+    devices = jax.devices()
+    results = []
+    for n in device_counts or [len(devices)]:
+        for b in batches or [config.input.global_batch]:
+            c = load_config(config_path, [*overrides, f"input.global_batch={b}"])
+            m = measure_step(c, info, image_shape, devices[:n], steps)
+            row = {k: v for k, v in m.items() if k not in ("state", "compiled", "setup")}
+            if n == len(devices) and jax.process_count() == 1:
+                row.update(measure_loop(c, m, steps))
+            results.append(row)
+            print(
+                f"devices={n} batch={b}: {row['steps_per_s']:.2f} steps/s, "
+                f"{row['images_per_s']:.1f} images/s, {row['flops_per_step'] / 1e9:.1f} GFLOP/step"
+                + (f", MFU {row['mfu']:.1%}" if row["mfu"] else "")
+                + (
+                    f", host overhead {row['host_overhead_share']:.1%}"
+                    if "host_overhead_share" in row
+                    else ""
+                )
+            )
+            del m
+    settings = {
+        "config": config_path,
+        "overrides": list(overrides),
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "image_shape": image_shape,
+        "steps": steps,
+        "model": config.model.to_dict(),
+    }
+    return write_record("train", {"runs": results}, settings, out_dir)
