@@ -53,11 +53,7 @@ def tiny(name: str, store: Path, *overrides: str):
 
 
 def final_params(workdir: Path, step: int | None = None):
-    mgr = ckpt.manager(workdir)
-    step = mgr.latest_step() if step is None else step
-    restored = mgr.restore(step)
-    mgr.close()
-    return restored["state"]["params"]
+    return ckpt.load_state(workdir, step)[0]["params"]
 
 
 def assert_trees_close(a, b, atol=0.0):
@@ -123,15 +119,36 @@ def test_stop_and_resume_equals_uninterrupted(store, straight, tmp_path):
 
 
 def test_restore_onto_another_mesh(store, straight, tmp_path):
-    """Checkpoint on an 8x1 (data x fsdp) mesh, continue on 2x4 with sharded parameters."""
-    from pgjax.train.train import train
+    """A checkpoint written on an 8x1 (data x fsdp) mesh restores exactly onto 2x4, with the
+    parameters really sharded over fsdp, and training continues from it."""
+    from pgjax.train import train as T
+    from pgjax.train.input_pipeline import make_iterator, to_global
 
-    train(tiny("pg", store, f"total_steps={STEPS}", "checkpoint_every=10"), tmp_path, max_steps=10)
     other = tiny("pg", store, f"total_steps={STEPS}", "checkpoint_every=10", "mesh.data=2",
                  "mesh.fsdp=4")  # fmt: skip
-    train(other, tmp_path)
-    # Same computation, different reduction order across devices: close, not bit-equal.
-    assert_trees_close(final_params(straight), final_params(tmp_path), atol=1e-4)
+    s = T.setup(other)
+    probe, _ = make_iterator(s.input_cfg, 0)
+    example = T.prepare_batch(to_global(next(probe), T.mesh_lib.batch_sharding(s.mesh)))
+    probe.close()
+    abstract, shardings = T.abstract_state(s, example)
+    mgr = ckpt.manager(straight)
+    state, data = ckpt.restore(mgr, 10, abstract, shardings)
+    mgr.close()
+    saved, _ = ckpt.load_state(straight, 10)
+    assert_trees_close(jax.tree.map(np.asarray, state), saved)
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state["params"])]
+    assert any("fsdp" in tuple(spec) for spec in specs), "no parameter sharded over fsdp"
+    assert data["next_step"] == 10
+
+    # Continue from it on the new mesh: same computation in another reduction order, so the
+    # parameters drift by float rounding that Adam scales up to about the learning rate.
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(straight / "checkpoints" / "10", workdir / "checkpoints" / "10")
+    T.train(other, workdir)
+    assert_trees_close(final_params(straight), final_params(workdir), atol=5e-3)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path):

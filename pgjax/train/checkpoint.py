@@ -69,3 +69,27 @@ def positioned_iterator(input_cfg: InputConfig, data: dict | None, start_step: i
         return it
     it, _ = make_iterator(input_cfg, start_step, pid, count)
     return it
+
+
+def load_state(workdir: str | Path, step: int | None = None) -> tuple[dict, int]:
+    """A checkpoint's train state as host NumPy arrays, whatever mesh or processes wrote it.
+
+    For evaluation, export and tests: reads the shapes from the checkpoint's own metadata, so
+    no model or mesh needs to be built first.
+    """
+    import numpy as np
+
+    root = Path(workdir).absolute() / "checkpoints"
+    steps = sorted(int(p.name) for p in root.glob("*") if p.name.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"{root}: no checkpoints")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{root}: no checkpoint for step {step} (have {steps})")
+    checkpointer = ocp.StandardCheckpointer()
+    path = root / str(step) / "state"
+    tree = checkpointer.metadata(path).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    state = checkpointer.restore(path, target)
+    return jax.tree.map(np.asarray, state), step
