@@ -267,3 +267,35 @@ def test_killed_run_resumes_to_the_same_store(built, corpus, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["state"] == "planned"
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     assert tree_bytes(out) == tree_bytes(store)
+
+
+def test_every_pydicom_test_file_is_stored_or_listed(tmp_path, capfd):
+    """All of pydicom's test files (and pydicom-data's, where cached): each file becomes items
+    or is listed with a reason, the run never stops, and no header value reaches stderr."""
+    import shutil
+
+    from pydicom.data import get_testdata_files
+
+    root = tmp_path / "all" / "site"
+    root.mkdir(parents=True)
+    files = [f for f in get_testdata_files() if Path(f).is_file()]
+    for i, f in enumerate(files):
+        shutil.copy(f, root / f"{i:04d}_{Path(f).name}")
+    cfg = PreprocessConfig(image_size=(32, 32), volume_shape=(8, 16, 16), min_patients=1)
+    summary = preprocess([root.parent], tmp_path / "store", cfg=cfg, workers=1)
+    assert summary["manifest"]["counts"]["images_ok"] > 50
+
+    private = tmp_path / "store.private"
+    listed = set(st.read_csv_columns(private / "skipped.csv")["path"])
+    stored = {
+        row.get("path") or p
+        for plan in (private / "plan").glob("*-*.json")
+        for row in json.loads(plan.read_text())["rows"]
+        for p in row.get("paths", [None])
+    }
+    every = {str(p) for p in root.iterdir()}
+    assert every == (listed | stored) & every, sorted(every - listed - stored)[:5]
+
+    err = capfd.readouterr().err
+    uids = [i.value for i in collect_identifiers([root]) if i.kind.endswith("UID")]
+    assert uids and not [u for u in uids if u in err]

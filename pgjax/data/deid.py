@@ -7,12 +7,14 @@ candidate PatientID and look it up, so it lives outside the store, readable by i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
 import re
 import secrets
+import warnings
 from pathlib import Path
 
 SALT_BYTES = 32
@@ -139,3 +141,14 @@ def redact_pydicom_logs() -> None:
     logger = logging.getLogger("pydicom")
     if _PYDICOM_FILTER not in logger.filters:
         logger.addFilter(_PYDICOM_FILTER)
+
+
+@contextlib.contextmanager
+def quiet_pydicom():
+    """Silence pydicom's warnings, which quote header values ("Invalid value for VR UI: '1.2...'")
+    on stderr, where batch jobs keep their logs. What went wrong is reported per file instead
+    (the private skip list)."""
+    redact_pydicom_logs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

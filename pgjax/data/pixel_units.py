@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 
 from pgjax.data.config import PreprocessConfig
+from pgjax.data.deid import quiet_pydicom
 from pgjax.data.pixels import (
     PixelError,
     decode_frames,
@@ -25,7 +26,8 @@ from pgjax.data.volumes import VolumePlan, resample_volume
 
 def _read(path: str):
     try:
-        return pydicom.dcmread(path)
+        # force: the scan accepted this file, preamble or not (see scan._read_header).
+        return pydicom.dcmread(path, force=True)
     except Exception as e:
         raise PixelError(f"cannot read file: {type(e).__name__}") from e
 
@@ -37,6 +39,7 @@ def _reason(e: Exception) -> str:
     return f"cannot decode: {type(e).__name__}"
 
 
+@quiet_pydicom()
 def fill_image_unit(rows: list[dict], cfg: PreprocessConfig):
     """rows: [{"path", "frame"}] -> (uint block [n, H, W], [(row, reason)], {})."""
     block = np.zeros((len(rows), *cfg.image_size), dtype=cfg.dtype)
@@ -75,6 +78,7 @@ def _series_slices(paths, frames, cfg) -> np.ndarray:
     return normalize_series(parts, cfg)
 
 
+@quiet_pydicom()
 def fill_volume_unit(rows: list[dict], cfg: PreprocessConfig):
     """rows: [{"paths", "frames", "plan"}] -> (block [n, D, H, W], failures, facts)."""
     block = np.zeros((len(rows), *cfg.volume_shape), dtype=cfg.dtype)

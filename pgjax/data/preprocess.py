@@ -99,6 +99,10 @@ def _digest(obj) -> str:
 # Worker pool. Spawn, never fork: TensorStore aborts a process that forks after importing it.
 
 
+def _ping() -> bool:
+    return True
+
+
 def run_units(
     fn: Callable, units: Sequence, args: tuple, workers: int, progress: Progress
 ) -> list[tuple[object, str]]:
@@ -116,6 +120,13 @@ def run_units(
     ctx = multiprocessing.get_context("spawn")
     suspects, crashed = [], []
     with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        try:  # a pool that cannot start is not a bad file: say so instead of blaming the data
+            pool.submit(_ping).result()
+        except cf.process.BrokenProcessPool as e:
+            raise RuntimeError(
+                "cannot start worker processes (spawn). From a script, put the call under "
+                "`if __name__ == '__main__':`; or use --workers 1"
+            ) from e
         futures = {pool.submit(fn, u, *args): u for u in units}
         for fut in cf.as_completed(futures):
             try:

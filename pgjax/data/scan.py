@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from pgjax.data.deid import hash_key
+from pgjax.data.deid import hash_key, quiet_pydicom
 from pgjax.data.pixels import frame_geometry
 from pgjax.data.protocol import normalize_text, read_protocol
 from pgjax.data.schema import Schema
@@ -203,6 +203,11 @@ def redact_free_text(protocol: dict, ds, schema: Schema) -> dict:
 
 def scan_file(root: str, path: str, schema: Schema, salt: bytes, site_from: str) -> ScanRecord:
     """Read one file's header into a ScanRecord (never raises on bad input)."""
+    with quiet_pydicom():
+        return _scan_file(root, path, schema, salt, site_from)
+
+
+def _scan_file(root, path, schema, salt, site_from) -> ScanRecord:
     ds, reason = _read_header(path)
     if ds is None:
         return ScanRecord(path=path, reason=reason)

@@ -536,7 +536,7 @@ def chest_projection_paths(
     soft = np.maximum(trunk, neck)
     if chest.female:
         for side in (-1.0, 1.0):
-            soft = soft + _chord(xt, zt, side * 70 * s, -110 * s, 60 * s, 50 * s, 25 * s)
+            soft = soft + _chord(xt, zt, side * 75 * s, -125 * s, 90 * s, 70 * s, 14 * s)
     xh, zh = x / mh, z / mh
     hc, hr = chest.heart_center, chest.heart_radii
     heart = _chord(xh, zh, hc[0], hc[2], hr[0], hr[2], hr[1])
