@@ -21,8 +21,8 @@ from pgjax.models.layers import (
     Attention,
     Dtype,
     Mlp,
-    block_class,
     dense_init,
+    transformer_stack,
 )
 
 
@@ -224,21 +224,7 @@ class MAEDecoder(nn.Module):
             "decoder_pos_embed", nn.initializers.normal(0.02), (1, t, self.width), self.param_dtype
         )
         x = x + pos.astype(self.dtype)
-        block = block_class(self.remat)
-        for i in range(self.depth):
-            x = block(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                dropout=self.dropout,
-                gelu_approximate=self.gelu_approximate,
-                attention_impl=self.attention_impl,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"decoder_blocks_{i}",
-            )(x, None, not train)
-        x = nn.LayerNorm(
-            epsilon=LN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype, name="decoder_norm"
-        )(x)
+        x = transformer_stack(self, x, None, train, prefix="decoder_blocks", norm="decoder_norm")
         x = nn.Dense(
             self.patch_dim,
             kernel_init=dense_init,

@@ -156,3 +156,27 @@ def block_class(remat: bool) -> type[TransformerBlock]:
     activation memory; parameter names are unchanged). `deterministic` (argument 3, counting
     `self`) is static because it switches dropout on and off."""
     return nn.remat(TransformerBlock, static_argnums=(3,)) if remat else TransformerBlock
+
+
+def transformer_stack(
+    m: nn.Module, x, key_mask, train: bool, *, prefix: str = "blocks", norm: str = "norm"
+):
+    """`m.depth` pre-norm blocks and the final LayerNorm, created in module `m`'s scope.
+
+    Called from the `@nn.compact` method of a model with the usual fields (depth, num_heads,
+    mlp_dim, dropout, gelu_approximate, attention_impl, remat, dtype, param_dtype), so the
+    parameters are named `{prefix}_{i}` and `{norm}` directly under that model.
+    """
+    block = block_class(m.remat)
+    for i in range(m.depth):
+        x = block(
+            num_heads=m.num_heads,
+            mlp_dim=m.mlp_dim,
+            dropout=m.dropout,
+            gelu_approximate=m.gelu_approximate,
+            attention_impl=m.attention_impl,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+            name=f"{prefix}_{i}",
+        )(x, key_mask, not train)
+    return nn.LayerNorm(epsilon=LN_EPSILON, dtype=m.dtype, param_dtype=m.param_dtype, name=norm)(x)

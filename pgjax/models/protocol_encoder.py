@@ -11,7 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from pgjax.models.layers import LN_EPSILON, Dtype, block_class
+from pgjax.models.layers import Dtype, transformer_stack
 
 # size -> (width, depth, num_heads, mlp_dim). Our choice: the paper fixes none. F = 31 tokens is
 # a short sequence, so the encoder is shallower than an image ViT of the same width.
@@ -97,19 +97,5 @@ class ProtocolEncoder(nn.Module):
             key_mask = jnp.concatenate([jnp.ones((b, 1), bool), tokens != self.pad_id], axis=1)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-        block = block_class(self.remat)
-        for i in range(self.depth):
-            x = block(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                dropout=self.dropout,
-                gelu_approximate=self.gelu_approximate,
-                attention_impl=self.attention_impl,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"blocks_{i}",
-            )(x, key_mask, not train)
-        x = nn.LayerNorm(
-            epsilon=LN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
-        )(x)
+        x = transformer_stack(self, x, key_mask, train, prefix="blocks", norm="norm")
         return {"pooled": x[:, 0], "fields": x[:, 1:]}

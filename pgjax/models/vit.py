@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from pgjax.models.layers import LN_EPSILON, Dtype, block_class
+from pgjax.models.layers import Dtype, transformer_stack
 
 # name -> (width, depth, num_heads, mlp_dim). "mu" is a toy size for CPU tests.
 VIT_SIZES = {
@@ -130,21 +130,7 @@ class ViT(nn.Module):
             x = jnp.concatenate([cls, x], axis=1)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-        block = block_class(self.remat)
-        for i in range(self.depth):
-            x = block(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                dropout=self.dropout,
-                gelu_approximate=self.gelu_approximate,
-                attention_impl=self.attention_impl,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"blocks_{i}",
-            )(x, None, not train)
-        x = nn.LayerNorm(
-            epsilon=LN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
-        )(x)
+        x = transformer_stack(self, x, None, train, prefix="blocks", norm="norm")
         tokens = x[:, prefix:]
         pooled = x[:, 0] if use_cls else tokens.mean(axis=1)
         return {"pooled": pooled, "tokens": tokens}
