@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 HELP = "run the pipeline end to end on a small synthetic corpus"
@@ -33,7 +34,11 @@ def run(args) -> int:
     work = Path(args.workdir)
     corpus = work / "corpus"
     print(f"[1/4] synthesizing {args.studies} studies into {corpus}")
-    summary = write_corpus(corpus, studies=args.studies, seed=args.seed, workers=args.workers)
+    # The demo owns its workdir: a rerun starts afresh (overwrite replaces only a previous
+    # synthetic corpus, and the demo's own training folder is cleared below).
+    summary = write_corpus(
+        corpus, studies=args.studies, seed=args.seed, workers=args.workers, overwrite=True
+    )
     external = summary["external_sites"]
     store = work / "store"
     print(f"[2/4] preprocessing into {store} (external site: {', '.join(external) or 'none'})")
@@ -54,6 +59,7 @@ def run(args) -> int:
     print(f"[4/4] pretraining configs/pg.py:tiny for {args.steps} steps into {train_dir}")
     config = load_config(f"{_configs_dir()}/pg.py:tiny",
                          [f"input.store={store}", f"total_steps={args.steps}"])  # fmt: skip
+    shutil.rmtree(train_dir, ignore_errors=True)
     train(config, train_dir)
     curve = [json.loads(line)["loss"] for line in (train_dir / "metrics.jsonl").open()]
     counts = result["manifest"]["counts"]
