@@ -134,8 +134,6 @@ def to_global(batch: dict[str, np.ndarray], sharding) -> dict:
     """Place this process's share of a batch onto the mesh as global jax.Arrays."""
     import jax
 
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v)
-        for k, v in batch.items()
-        if k in ARRAYS or k == "row"
-    }
+    # Only what the model consumes: "row" and "step" stay on the host (row ids are for
+    # debugging and evaluation, not for the train step).
+    return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in ARRAYS}
