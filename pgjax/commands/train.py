@@ -32,7 +32,11 @@ def run(args) -> int:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from pgjax.train.train import NonFiniteLoss, train
 
-    config = load_config(args.config, args.extra)
+    try:
+        config = load_config(args.config, args.extra)
+    except (KeyError, ValueError, FileNotFoundError, TypeError) as e:
+        print(f"pgjax train: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
     try:
         train(config, args.workdir, max_steps=args.max_steps)
     except NonFiniteLoss as e:
