@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
         # SimCLR draws its two views with its own, strong augmentation (pgjax/train/augment.py).
         simclr=dict(weight=0.0, temperature=0.1, augment=dict(preset="simclr")),
         mae=dict(weight=0.0, mask_ratio=0.75, decoder={}),
-        dcm=dict(weight=0.0),
+        dcm=dict(weight=0.0, numeric_weight=1.0),
         # A central hole of half the image side, as in Pathak et al. 2016 and Hu et al. 2020.
         ce_dcm=dict(weight=0.0, hole=0.5, adv_weight=0.001, tags=DEVICE_FIELDS),
     )

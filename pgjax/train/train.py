@@ -343,16 +343,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, max_steps: 
             if pending is not None and not bool(pending["finite"]):
                 _check_finite(state, step, manager)
             pending = metrics
+            note = ""
             if step % config.log_every == 0 or step == end:
                 _check_finite(state, step, manager)
-                elapsed = time.perf_counter() - window_start
-                rate = window_steps / elapsed
-                extra = {"steps_per_s": rate, "images_per_s": rate * config.input.global_batch}
-                writer.write(step, {**jax.device_get(metrics), **extra})
+                rate = window_steps / (time.perf_counter() - window_start)
+                images = rate * config.input.global_batch
+                writer.write(
+                    step, {**jax.device_get(metrics), "steps_per_s": rate, "images_per_s": images}
+                )
+                note = f"loss {float(metrics['loss']):.4f} {images:.0f} images/s"
                 window_start, window_steps = time.perf_counter(), 0
-            progress.update(
-                1, f"loss {float(pending['loss']):.4f}" if step % config.log_every == 0 else ""
-            )
+            progress.update(1, note)
             if step % config.checkpoint_every == 0 or step == end:
                 _check_finite(state, step, manager)
                 ckpt.save(manager, step, state, it, s.input_cfg)
