@@ -417,3 +417,63 @@ def test_protocol_info_from_vocabulary():
         ("Modality", "KVP"), ((4, 6), (6, 9)), ("categorical", "numeric"), 9
     )
     assert info.num_fields == 2 and hash(info)
+
+
+def test_series_translation_predicts_the_partner_series_hidden_settings():
+    # Cross-series translation: the partner series' target fields are hidden and scored, its
+    # other fields are shown; items without a partner contribute nothing.
+    config = make_config(
+        [],
+        translation=dict(
+            weight=1.0, source=("KVP",), target=("Manufacturer",), series_weight=2.0
+        ),
+    )
+    objective = ob.build_objective(config, INFO, None)
+    target = [k for k, t in zip(INFO.keywords, objective.series_target, strict=True) if t]
+    assert target == ["KVP", "ConvolutionKernel", "SliceThickness"]  # the defaults in INFO
+    batch = make_batch(b=4)
+    partner = make_batch(b=4, seed=1)
+    has = jnp.array([1.0, 1.0, 0.0, 1.0])
+    batch = dict(
+        batch,
+        partner_tokens=partner["tokens"],
+        partner_values=partner["values"],
+        partner_value_mask=partner["value_mask"],
+        has_partner=has,
+    )
+    jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    variables = jit(objective.init)(jax.random.key(0), batch)
+    run = jit(lambda b: objective.loss(variables, b, jax.random.key(1)))
+    loss, metrics, _ = run(batch)
+    np.testing.assert_allclose(
+        metrics["translation"],
+        metrics["translation_ce"]
+        + metrics["translation_mse"]
+        + 2.0 * (metrics["translation_series_ce"] + metrics["translation_series_mse"]),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(metrics["translation_series_items"], 0.75)
+
+    kernel, manufacturer = INFO.keywords.index("ConvolutionKernel"), 0
+
+    def partner_with(item, field):
+        # Another valid token of the field for one item's partner.
+        lo, hi = INFO.field_ranges[field]
+        token = lo + (int(batch["partner_tokens"][item, field]) - lo + 1) % (hi - lo)
+        return dict(batch, partner_tokens=batch["partner_tokens"].at[item, field].set(token))
+
+    base = float(loss)
+    # A hidden, scored target of an item with a partner changes the loss...
+    assert abs(float(run(partner_with(0, kernel))[0]) - base) > 1e-5
+    # ...the same change for the item without a partner is ignored...
+    assert float(run(partner_with(2, kernel))[0]) == base
+    # ...and a shown field of the partner (its manufacturer) reaches the model.
+    assert abs(float(run(partner_with(0, manufacturer))[0]) - base) > 1e-5
+    # No partners at all: the cross-series part is exactly zero.
+    _, m0, _ = run(dict(batch, has_partner=jnp.zeros(4)))
+    assert float(m0["translation_series_ce"]) == 0.0
+    np.testing.assert_allclose(
+        m0["translation"], m0["translation_ce"] + m0["translation_mse"], rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="partner"):
+        objective.loss(variables, make_batch(b=4), jax.random.key(1))

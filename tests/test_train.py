@@ -30,7 +30,9 @@ VENDORS = ["SIEMENS", "GE MEDICAL SYSTEMS", "Philips"]
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """48 real CT/MR files whose protocol fields vary with the image (vendor, kVp, TR)."""
+    """48 real CT/MR files whose protocol fields vary with the image (vendor, kVp, TR); each
+    of 24 patients has one study of two series (an MR and a CT slice), so cross-series
+    translation has partners."""
     root = tmp_path_factory.mktemp("train_dicom")
     for n in range(48):
         vendor = VENDORS[n % 3]
@@ -40,7 +42,8 @@ def store(tmp_path_factory):
         else:
             extra = {"Manufacturer": vendor, "RepetitionTime": 500.0 * (1 + n % 3)}
             src = get_testdata_file("MR_small.dcm")
-        copy_with_identity(src, root / "site_a" / f"{n:03d}.dcm", patient=n, tag=f"t{n}", **extra)
+        dst = root / "site_a" / f"{n:03d}.dcm"
+        copy_with_identity(src, dst, patient=n // 2, tag=f"t{n}", study="s", **extra)
     out = tmp_path_factory.mktemp("train_store") / "store"
     cfg = PreprocessConfig(image_size=(32, 32), min_patients=2, split_fractions=(1.0, 0.0, 0.0))
     preprocess([root], out, cfg=cfg, workers=1)
@@ -97,6 +100,9 @@ def test_protocol_genome_learns(straight):
     keys = set(rows[-1])
     assert {"loss", "lr", "grad_norm", "steps_per_s", "images_per_s"} <= keys
     assert any("temperature" in k for k in keys), keys
+    # Every item of this store has a partner series: cross-series translation is trained.
+    assert all(r["translation_series_items"] == 1.0 for r in rows)
+    assert all(np.isfinite(r["translation_series_ce"]) for r in rows)
 
 
 @pytest.mark.slow
@@ -227,7 +233,28 @@ def test_two_processes_equal_one(store, straight, tmp_path):
     outputs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
-    assert_trees_close(final_params(straight), final_params(tmp_path / "two"), atol=1e-4)
+    assert_trees_close(
+        without_key_biases(final_params(straight)),
+        without_key_biases(final_params(tmp_path / "two")),
+        atol=1e-5,
+    )
+
+
+def without_key_biases(params):
+    """Params with the attention key biases zeroed. Softmax is invariant to a key bias, so its
+    true gradient is 0 and what it gets is rounding noise, which Adam scales up to full-size
+    steps: it differs between any two reduction orders (one process or two), by design."""
+
+    def zero(path, x):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['qkv']['bias']"):
+            width = x.shape[0] // 3
+            return np.concatenate([x[:width], np.zeros_like(x[width : 2 * width]), x[2 * width :]])
+        if name.endswith("['kv']['bias']"):
+            return np.concatenate([np.zeros_like(x[: x.shape[0] // 2]), x[x.shape[0] // 2 :]])
+        return x
+
+    return jax.tree_util.tree_map_with_path(zero, params)
 
 
 @pytest.mark.slow

@@ -41,7 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.objectives = dict(
         contrastive=dict(weight=1.0, kind="siglip", method="ring"),
         masked_protocol=dict(weight=1.0, rate=0.3, numeric_weight=1.0),
-        translation=dict(weight=0.5, source=ACQUISITION_FIELDS, target=DEVICE_FIELDS),
+        # Within each item (acquisition -> device), and across the series of a study (another
+        # series' acquisition settings from this image; the loader pairs the series).
+        translation=dict(
+            weight=0.5, source=ACQUISITION_FIELDS, target=DEVICE_FIELDS, series_weight=1.0
+        ),
         # SimCLR draws its two views with its own, strong augmentation (pgjax/train/augment.py).
         simclr=dict(weight=0.0, temperature=0.1, augment=dict(preset="simclr")),
         mae=dict(weight=0.0, mask_ratio=0.75, decoder={}),

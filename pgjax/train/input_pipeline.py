@@ -8,6 +8,11 @@ Order: step s of epoch e reads rows perm_e[s*B : (s+1)*B] of the split's usable 
 perm_e is a permutation seeded by (seed, e). Process p of P takes its contiguous slice of that
 global batch. So the batch at a step is a pure function of (seed, step): resuming needs only
 the step, and one process or two read the same global batch.
+
+Series partners (`partners=True`, for cross-series protocol translation): each item also gets
+the protocol of one other series of its own study (a random item of that series, drawn as a
+function of (seed, step)), as partner_tokens/partner_values/partner_value_mask, and
+has_partner = 0 where its study has a single series (its own protocol stands in, unused).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import numpy as np
 from pgjax.data import store as st
 
 ARRAYS = ("pixels", "tokens", "values", "value_mask")
+PROTOCOL_ARRAYS = ("tokens", "values", "value_mask")
+PARTNER_ARRAYS = ("partner_tokens", "partner_values", "partner_value_mask", "has_partner")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +39,60 @@ class InputConfig:
     seed: int = 0
     workers: int = 0  # Grain worker processes (spawned); 0 reads in the training process
     prefetch: int = 2  # batches buffered per worker
+    partners: bool = False  # also read a partner series' protocol per item (see module doc)
 
 
 def usable_rows(store_path: str, group: str, splits: Sequence[str]) -> np.ndarray:
     """Rows of the group that decoded (ok == 1) and belong to the given splits, ascending."""
-    table = st.open_store(store_path).group(group).table()
+    return _usable(st.open_store(store_path).group(group).table(), splits)[0]
+
+
+def _usable(table: dict, splits: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     keep = (table["ok"] == "1") & np.isin(table["split"], list(splits))
-    return table["row"][keep].astype(np.int64)
+    return table["row"][keep].astype(np.int64), keep
+
+
+class SeriesPartners:
+    """For each usable item, the usable items of its study that belong to another series.
+
+    Items are sorted by (study, series), so an item's candidates are its study's block minus
+    its own series' block: two ranges, drawn from in O(1) per item without per-item lists (a
+    million-image store costs a few arrays of int64).
+    """
+
+    def __init__(self, study: np.ndarray, series: np.ndarray):
+        n = len(study)
+        self.order = np.lexsort((series, study))  # positions into the usable rows
+        st_sorted, se_sorted = study[self.order], series[self.order]
+        new_study = np.r_[True, st_sorted[1:] != st_sorted[:-1]]
+        new_series = new_study | np.r_[True, se_sorted[1:] != se_sorted[:-1]]
+        study_start = np.maximum.accumulate(np.where(new_study, np.arange(n), 0))
+        series_start = np.maximum.accumulate(np.where(new_series, np.arange(n), 0))
+        study_len = np.diff(np.r_[np.flatnonzero(new_study), n])
+        series_len = np.diff(np.r_[np.flatnonzero(new_series), n])
+        # Per sorted position: its study's and series' start and length.
+        self.study_start = study_start
+        self.study_len = study_len[np.cumsum(new_study) - 1]
+        self.series_start = series_start
+        self.series_len = series_len[np.cumsum(new_series) - 1]
+        self.rank = np.empty(n, np.int64)  # usable position -> sorted position
+        self.rank[self.order] = np.arange(n)
+
+    def count(self, positions: np.ndarray) -> np.ndarray:
+        """Number of partner candidates of the items at these usable positions."""
+        r = self.rank[positions]
+        return self.study_len[r] - self.series_len[r]
+
+    def draw(self, positions: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(partner positions, has_partner) for items at usable positions, u uniform [0, 1)."""
+        r = self.rank[positions]
+        count = self.study_len[r] - self.series_len[r]
+        j = np.minimum((u * count).astype(np.int64), np.maximum(count - 1, 0))
+        before = self.series_start[r] - self.study_start[r]  # candidates before own series
+        sorted_pos = self.study_start[r] + np.where(j < before, j, j + self.series_len[r])
+        has = count > 0
+        partner = np.where(has, self.order[np.minimum(sorted_pos, len(self.order) - 1)], positions)
+        return partner, has
 
 
 class BatchSource:
@@ -51,7 +105,13 @@ class BatchSource:
             )
         self.cfg = cfg
         self.process_index, self.process_count = process_index, process_count
-        self.rows = usable_rows(cfg.store, cfg.group, cfg.splits)
+        table = st.open_store(cfg.store).group(cfg.group).table()
+        self.rows, keep = _usable(table, cfg.splits)
+        self.partners = (
+            SeriesPartners(table["study_key"][keep], table["series_key"][keep])
+            if cfg.partners
+            else None
+        )
         self.steps_per_epoch = len(self.rows) // cfg.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -83,23 +143,44 @@ class BatchSource:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.rows))
 
-    def global_rows(self, step: int) -> np.ndarray:
+    def _global_positions(self, step: int) -> np.ndarray:
         epoch, k = divmod(step, self.steps_per_epoch)
         b = self.cfg.global_batch
-        return self.rows[self._permutation(epoch)[k * b : (k + 1) * b]]
+        return self._permutation(epoch)[k * b : (k + 1) * b]
+
+    def global_rows(self, step: int) -> np.ndarray:
+        return self.rows[self._global_positions(step)]
+
+    def _local(self, x: np.ndarray) -> np.ndarray:
+        per = len(x) // self.process_count
+        return x[self.process_index * per : (self.process_index + 1) * per]
 
     def local_rows(self, step: int) -> np.ndarray:
-        rows = self.global_rows(step)
-        per = len(rows) // self.process_count
-        return rows[self.process_index * per : (self.process_index + 1) * per]
+        return self._local(self.global_rows(step))
+
+    def partner_rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This process's (partner rows, has_partner) at a step; drawn over the global batch,
+        so every process agrees whatever the process count."""
+        positions = self._global_positions(step)
+        u = np.random.default_rng([self.cfg.seed, step, 1]).random(len(positions))
+        partner, has = self.partners.draw(positions, u)
+        return self._local(self.rows[partner]), self._local(has)
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
         if self._arrays is None:
             self._open()
-        rows = self.local_rows(int(step))
+        step = int(step)
+        rows = self.local_rows(step)
         # Issue all reads, then wait: TensorStore overlaps them.
         futures = {name: arr[rows].read() for name, arr in self._arrays.items()}
+        if self.partners is not None:
+            partner, has = self.partner_rows(step)
+            futures.update(
+                {f"partner_{n}": self._arrays[n][partner].read() for n in PROTOCOL_ARRAYS}
+            )
         batch = {name: f.result() for name, f in futures.items()}
+        if self.partners is not None:
+            batch["has_partner"] = has.astype(np.uint8)
         batch["row"] = rows
         batch["step"] = np.int64(step)
         return batch
@@ -136,4 +217,5 @@ def to_global(batch: dict[str, np.ndarray], sharding) -> dict:
 
     # Only what the model consumes: "row" and "step" stay on the host (row ids are for
     # debugging and evaluation, not for the train step).
-    return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in ARRAYS}
+    names = ARRAYS + (PARTNER_ARRAYS if "has_partner" in batch else ())
+    return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in names}

@@ -17,6 +17,12 @@ set a weight to 0, baselines enable only their own term):
   translation      protocol-protocol translation: only the `source` fields (acquisition
                    settings) are shown with the image, every other field is hidden, and the
                    `target` fields (the device) are predicted, with the same fusion head.
+                   Across series (`series_weight` > 0): the protocol of another series of the
+                   same study (from the loader, see input_pipeline) is shown with its
+                   `series_target` fields (acquisition settings) hidden, and the fusion head
+                   predicts them from that series' remaining fields (its description, device)
+                   attending to this item's image: what a study's other acquisitions were, given
+                   one of its images. Items whose study has one series are left out.
   simclr           SimCLR (Chen et al. 2020): NT-Xent between two augmented views of each image,
                    through an MLP projection, over the global batch.
   mae              MAE (He et al. 2022): the ViT sees 1 - mask_ratio of the patches, a small
@@ -54,8 +60,10 @@ Config keys read (defaults in brackets):
       init_bias [-10] (SigLIP only), max_scale [100]
   objectives.masked_protocol: rate [0.3], numeric_weight [1.0] (MSE weight vs. cross entropy)
   objectives.translation: source [TRANSLATION_SOURCES], target [TRANSLATION_TARGETS],
-      numeric_weight [1.0]. The defaults keep the fields that the schema has; names given
-      explicitly must all be in the schema.
+      numeric_weight [1.0], series_weight [0] (weight of the cross-series part inside the
+      term; the batch must carry partner_* arrays, which `pgjax train` asks the loader for),
+      series_target [SERIES_TRANSLATION_TARGETS]. The defaults keep the fields that the
+      schema has; names given explicitly must all be in the schema.
   objectives.simclr: temperature [0.1], proj_dim [128], hidden_dim [None: the encoder width],
       augment [{"preset": "simclr"}] (the views are drawn from the un-augmented image)
   objectives.mae: mask_ratio [0.75], norm_pix [True], decoder [{}] (MAEDecoder keywords:
@@ -122,6 +130,25 @@ TRANSLATION_TARGETS = (
     "MagneticFieldStrength",
     "SoftwareVersions",
 )
+# What cross-series translation predicts of the other series: the settings that differ between
+# the series of one study (reconstruction kernel, thickness, sequence timing). Study-level fields
+# (modality, body part, device) are shown, not predicted: copying them would be trivial.
+SERIES_TRANSLATION_TARGETS = (
+    "ConvolutionKernel",
+    "KVP",
+    "XRayTubeCurrent",
+    "Exposure",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "RepetitionTime",
+    "EchoTime",
+    "InversionTime",
+    "FlipAngle",
+    "ScanningSequence",
+    "SequenceVariant",
+    "MRAcquisitionType",
+    "ContrastBolusAgent",
+)
 
 # Every setting of every term, with its default; a key not listed here is a config error.
 TERM_DEFAULTS: dict[str, dict] = {
@@ -129,7 +156,14 @@ TERM_DEFAULTS: dict[str, dict] = {
         weight=0.0, kind="clip", method="ring", init_scale=10.0, init_bias=-10.0, max_scale=100.0
     ),
     "masked_protocol": dict(weight=0.0, rate=0.3, numeric_weight=1.0),
-    "translation": dict(weight=0.0, source=None, target=None, numeric_weight=1.0),
+    "translation": dict(
+        weight=0.0,
+        source=None,
+        target=None,
+        numeric_weight=1.0,
+        series_weight=0.0,
+        series_target=None,
+    ),
     "simclr": dict(
         weight=0.0, temperature=0.1, proj_dim=128, hidden_dim=None, augment={"preset": "simclr"}
     ),
@@ -362,6 +396,7 @@ class Objective:
         self.has_discriminator = "ce_dcm" in self.terms
         # Set below for the terms that need them.
         self.source = self.target = None  # translation: bool [F] field masks
+        self.series_target = None  # cross-series translation: bool [F], or None when off
         self.simclr_augment = None  # SimCLR's view augmentation
         self.tags = None  # CE+DCM: int [K] indices of the discriminator's tag fields
 
@@ -408,6 +443,12 @@ class Objective:
                     if s and g
                 ]
                 raise ValueError(f"translation: fields {both} are both source and target")
+            if t["series_weight"] < 0:
+                raise ValueError("objectives.translation.series_weight must be >= 0")
+            if t["series_weight"] > 0:
+                self.series_target = _fields(
+                    info, t["series_target"], SERIES_TRANSLATION_TARGETS, "series_target"
+                )
         if on("simclr"):
             s = self.terms["simclr"]
             self.simclr_augment = AugmentConfig.from_config(s["augment"])
@@ -629,7 +670,32 @@ class Objective:
             self.allowed,
             s["numeric_weight"],
         )
-        return loss, {f"translation_{k}": m[k] for k in ("ce", "mse", "accuracy")}
+        metrics = {f"translation_{k}": m[k] for k in ("ce", "mse", "accuracy")}
+        if self.series_target is not None:
+            series_loss, m = self._series_translation(run, feats, batch)
+            loss = loss + s["series_weight"] * series_loss
+            metrics.update(m)
+        return loss, metrics
+
+    def _series_translation(self, run, feats, batch):
+        if "partner_tokens" not in batch:
+            raise ValueError(
+                "objectives.translation.series_weight > 0 needs batches with partner_* arrays "
+                "(InputConfig(partners=True))"
+            )
+        s = self.terms["translation"]
+        partner = batch["partner_tokens"], batch["partner_values"], batch["partner_value_mask"]
+        out = self._fused_prediction(
+            run, feats, *ploss.apply_field_mask(*partner, self.series_target)
+        )
+        has_partner = jnp.asarray(batch["has_partner"]).astype(bool)
+        predict = jnp.asarray(self.series_target)[None, :] & has_partner[:, None]
+        loss, m = ploss.masked_protocol_loss(
+            out["logits"], out["values"], *partner, predict, self.allowed, s["numeric_weight"]
+        )
+        metrics = {f"translation_series_{k}": m[k] for k in ("ce", "mse", "accuracy")}
+        metrics["translation_series_items"] = jnp.mean(has_partner.astype(jnp.float32))
+        return loss, metrics
 
     def _simclr(self, run, images, rng):
         s = self.terms["simclr"]

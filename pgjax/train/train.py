@@ -40,9 +40,11 @@ class NonFiniteLoss(RuntimeError):
 
 def input_config(config) -> InputConfig:
     i = config.input
+    t = config.objectives.get("translation") or {}
+    partners = t.get("weight", 0) > 0 and t.get("series_weight", 0) > 0
     return InputConfig(
         store=str(i.store), group=i.group, splits=tuple(i.splits), global_batch=i.global_batch,
-        seed=config.seed, workers=i.workers, prefetch=i.prefetch,
+        seed=config.seed, workers=i.workers, prefetch=i.prefetch, partners=partners,
     )  # fmt: skip
 
 
@@ -78,12 +80,14 @@ def prepare_batch(batch: dict) -> dict:
     """Stored integers -> float images in [0, 1] with a channel axis; masks to float."""
     pixels = batch["pixels"]
     scale = 255.0 if pixels.dtype == jnp.uint8 else 65535.0
-    return {
-        "image": (pixels.astype(jnp.float32) / scale)[..., None],
-        "tokens": batch["tokens"].astype(jnp.int32),
-        "values": batch["values"].astype(jnp.float32),
-        "value_mask": batch["value_mask"].astype(jnp.float32),
-    }
+    out = {"image": (pixels.astype(jnp.float32) / scale)[..., None]}
+    for prefix in ("", "partner_") if "has_partner" in batch else ("",):
+        out[f"{prefix}tokens"] = batch[f"{prefix}tokens"].astype(jnp.int32)
+        out[f"{prefix}values"] = batch[f"{prefix}values"].astype(jnp.float32)
+        out[f"{prefix}value_mask"] = batch[f"{prefix}value_mask"].astype(jnp.float32)
+    if "has_partner" in batch:
+        out["has_partner"] = batch["has_partner"].astype(jnp.float32)
+    return out
 
 
 @dataclasses.dataclass
