@@ -1,0 +1,330 @@
+"""`pgjax pull` against a real Orthanc, over DICOMweb and DIMSE, compared with `pgjax preprocess`.
+
+Orthanc runs inside a private network namespace with only loopback (tests/pacs_orthanc.py,
+started with `unshare -n`). Each pulled store must equal a local `pgjax preprocess` of the same
+files (those Orthanc accepted), item by item: tables, tokens, values and pixels, vocabulary,
+report and manifest. Row order may differ within a series, where it follows file paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from pgjax.data import store as st
+from pgjax.data.config import PreprocessConfig
+from pgjax.data.deid import load_or_create_salt
+from pgjax.data.preprocess import preprocess
+from pgjax.pacs.credentials import load_auth
+from pgjax.pacs.dicomweb import parse_multipart, split_query
+from pgjax.pacs.dimse import parse_address
+
+DRIVER = Path(__file__).with_name("pacs_orthanc.py")
+sys.path.insert(0, str(DRIVER.parent))
+import pacs_orthanc as orthanc  # noqa: E402
+
+# pydicom test files with distinct SOP Instance UIDs: CT, MR, US, NM, SC, SEG, RT dose, in
+# native, big-endian, deflated, RLE, JPEG, JPEG-LS and JPEG 2000 encodings; an RT plan and an
+# SR are the studies with an unsupported object type (no pixel data).
+PYDICOM_FILES = (
+    "CT_small.dcm", "MR_small_RLE.dcm", "emri_small_jpeg_ls_lossless.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm", "JPEG2000.dcm", "US1_J2KR.dcm", "OBXXXX1A_rle_2frame.dcm",
+    "ExplVR_BigEnd.dcm", "image_dfl.dcm", "rtdose.dcm", "liver_1frame.dcm",
+    "SC_rgb_small_odd.dcm", "693_J2KI.dcm", "rtplan.dcm", "test-SR.dcm",
+)  # fmt: skip
+UNSUPPORTED = ("rtplan.dcm", "test-SR.dcm")
+SITE = "fixed:pacs"
+WEB = f"http://127.0.0.1:{orthanc.HTTP_PORT}/dicom-web"
+DIMSE = f"{orthanc.AET}@127.0.0.1:{orthanc.DICOM_PORT}"
+CREDS = {"PGJAX_PACS_USER": orthanc.USER, "PGJAX_PACS_PASSWORD": orthanc.PASSWORD}
+
+
+def _why_no_orthanc() -> str | None:
+    if not Path(orthanc.ORTHANC).exists():
+        return "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb orthanc-gdcm)"
+    if not Path(orthanc.PLUGINS, "libOrthancDicomWeb.so").exists():
+        return "the Orthanc DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)"
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "unshare or ip missing: cannot make a private network namespace for Orthanc"
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return "cannot make a private network namespace (unshare -n needs root or user namespaces)"
+    return None
+
+
+NO_ORTHANC = _why_no_orthanc()
+needs_orthanc = pytest.mark.skipif(NO_ORTHANC is not None, reason=NO_ORTHANC or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Units without a PACS.
+
+
+def test_multipart_parts_are_split_on_the_boundary():
+    body = (
+        b"--XyZ\r\nContent-Type: application/dicom\r\n\r\nAB\r\n--XyZ\r\nCD--\r\n"
+        b"Content-Type: application/dicom\r\n\r\nEF\r\n--XyZ--\r\n"
+    )
+    ctype = 'multipart/related; type="application/dicom"; boundary=XyZ'
+    assert parse_multipart(ctype, body) == [b"AB", b"EF"]
+
+
+def test_query_splits_into_study_and_series_filters():
+    study, series = split_query({"StudyDate": "20240101-20240131", "Modality": "CT"})
+    assert study == {"StudyDate": "20240101-20240131", "ModalitiesInStudy": "CT"}
+    assert series == {"Modality": "CT"}
+
+
+def test_addresses_and_credentials_are_checked(tmp_path):
+    assert parse_address("ORTHANC@pacs.local:4242") == ("ORTHANC", "pacs.local", 4242)
+    with pytest.raises(ValueError, match="AET@HOST:PORT"):
+        parse_address("pacs.local:4242")
+    creds = tmp_path / "creds.json"
+    creds.write_text(json.dumps({"user": "u", "password": "p"}))
+    creds.chmod(0o644)
+    with pytest.raises(ValueError, match="readable by other users"):
+        load_auth(creds)
+    creds.chmod(0o600)
+    assert load_auth(creds).username == "u"
+    assert "s3cr3t" not in repr(load_auth(environ={"PGJAX_PACS_TOKEN": "s3cr3t"}))
+    assert load_auth(environ={}) is None
+
+
+def test_credentials_in_the_url_are_refused():
+    from pgjax.pacs.dicomweb import DicomwebSource
+
+    with pytest.raises(ValueError, match="credentials in the URL"):
+        DicomwebSource("https://user:secret@pacs/dicom-web")
+
+
+# ---------------------------------------------------------------------------------------------
+# Against Orthanc.
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """pydicom's files and a small synthetic corpus; the salt all stores share."""
+    from pgjax.synth.corpus import write_corpus
+
+    root = tmp_path_factory.mktemp("pacs_corpus")
+    write_corpus(
+        root / "synth", studies=4, radiograph_size=64, ct_size=32, ct_slices=(8, 10),
+        mr_size=32, mr_slices=(8, 9), us_size=32, us_frames=3,
+        modality_mix=(0.25, 0.25, 0.25, 0.25),
+    )  # fmt: skip
+    files = [get_testdata_file(n) for n in PYDICOM_FILES]
+    files += sorted(str(p) for p in (root / "synth" / "dicom").rglob("*.dcm"))
+    salt_file = root / "salt"
+    load_or_create_salt(salt_file)
+    return {"root": root, "files": files, "salt_file": salt_file}
+
+
+def run_job(work: Path, steps: list[dict]) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    job = work / "job.json"
+    job.write_text(json.dumps({"work": str(work), "steps": steps}))
+    proc = subprocess.run(
+        ["unshare", "-n", sys.executable, str(DRIVER), str(job)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((work / "results.json").read_text())
+    assert "error" not in results, results["error"] + (work / "orthanc.log").read_text()[-3000:]
+    results["by_name"] = {s["name"]: s for s in results["steps"]}
+    return results
+
+
+def pull_step(name, source_args, store, salt_file, *, env=None, extra=(), **kw) -> dict:
+    args = [*source_args, "--out", str(store), "--salt-file", str(salt_file), "--workers", "1"]
+    return {"op": "pull", "name": name, "args": [*args, *extra], "env": env or {}, **kw}
+
+
+def web(*extra):
+    return ["--dicomweb", WEB, *extra]
+
+
+def dimse(*extra):
+    return ["--dimse", DIMSE, "--calling-aet", orthanc.OUR_AET, *extra]
+
+
+def local_store(corpus, files, out: Path) -> Path:
+    """`pgjax preprocess` of the files Orthanc accepted, with the pull's settings and salt."""
+    if not (out / "manifest.json").exists():
+        preprocess(files, out, cfg=PreprocessConfig(site_from=SITE), salt_file=corpus["salt_file"])
+    return out
+
+
+def store_items(store: Path) -> dict:
+    """Everything a store holds, keyed by item identity rather than row number."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    for k in ("plan_fingerprint", "written_by"):  # the fingerprint covers file paths
+        manifest.pop(k)
+    out = {"manifest": manifest}
+    for name in ("schema.json", "vocab.json", "report.json"):
+        out[name] = (store / name).read_text()
+    series_of_volume = {}
+    for group in ("volumes", "images"):  # volumes first: images refer to them by row
+        table = st.read_csv_columns(store / group / "table.csv")
+        arrays = {
+            name: st.open_array(store / group / name).read().result()
+            for name in ("pixels", *st.TOKEN_ARRAYS)
+        }
+        items = {}
+        for i in range(len(table["row"])):
+            row = {c: str(v[i]) for c, v in table.items() if c not in ("row", "volume")}
+            for name, arr in arrays.items():
+                row[name] = hashlib.sha256(arr[i].tobytes()).hexdigest()
+            if group == "volumes":
+                key = row["series_key"]
+                series_of_volume[str(i)] = key
+            else:
+                key = (row["instance_key"], row["frame"])
+                row["volume"] = series_of_volume.get(str(table["volume"][i]), "")
+            assert key not in items, f"{group}: {key} twice"
+            items[key] = row
+        out[group] = items
+    return out
+
+
+def skip_reasons(private: Path) -> Counter:
+    return Counter(st.read_csv_columns(private / "skipped.csv")["reason"])
+
+
+def assert_same_store(pulled: Path, local: Path):
+    a, b = store_items(pulled), store_items(local)
+    assert a["manifest"] == b["manifest"]
+    for key in ("schema.json", "vocab.json", "report.json"):
+        assert a[key] == b[key], key
+    for group in ("images", "volumes"):
+        assert a[group].keys() == b[group].keys(), group
+        for key in a[group]:
+            assert a[group][key] == b[group][key], (group, key)
+    assert skip_reasons(Path(f"{pulled}.private")) == skip_reasons(Path(f"{local}.private"))
+
+
+@pytest.fixture(scope="module")
+def session(corpus):
+    """One Orthanc, the corpus loaded, every pull of the default tests."""
+    if NO_ORTHANC:
+        pytest.skip(NO_ORTHANC)
+    work = corpus["root"] / "orthanc"
+    salt = corpus["salt_file"]
+    bad = {"PGJAX_PACS_USER": orthanc.USER, "PGJAX_PACS_PASSWORD": "wrong-password-x"}
+    steps = [
+        {"op": "start"},
+        {"op": "upload", "files": corpus["files"]},
+        pull_step("web", web("--page-size", "5"), work / "web", salt, env=CREDS),
+        pull_step("web_again", web(), work / "web", salt, env=CREDS),
+        pull_step("web_ct", web("--query", "Modality=CT"), work / "web_ct", salt, env=CREDS),
+        pull_step("move", dimse("--retrieve", "move"), work / "move", salt),
+        pull_step("bad_password", web(), work / "bad", salt, env=bad),
+        pull_step("no_credentials", web(), work / "bad", salt),
+        pull_step("wrong_called_aet", ["--dimse", "NOTORTHANC@127.0.0.1:4242"], work / "bad", salt),
+        pull_step(
+            "unknown_destination",
+            ["--dimse", DIMSE, "--calling-aet", "STRANGER", "--retrieve", "move"],
+            work / "bad",
+            salt,
+        ),
+        pull_step(
+            "unknown_destination_auto",
+            ["--dimse", DIMSE, "--calling-aet", "STRANGER"],
+            work / "auto",
+            salt,
+        ),
+    ]
+    results = run_job(work, steps)
+    results["work"] = work
+    return results
+
+
+@pytest.fixture(scope="module")
+def local(corpus, session):
+    return local_store(corpus, session["accepted"], corpus["root"] / "local")
+
+
+@needs_orthanc
+def test_orthanc_accepted_every_file(corpus, session):
+    assert sorted(session["accepted"]) == sorted(corpus["files"])
+
+
+@needs_orthanc
+@pytest.mark.parametrize("name", ["web", "move"])
+def test_pull_equals_local_preprocess(session, local, name):
+    step = session["by_name"][name]
+    assert step["rc"] == 0, step["stderr"]
+    store = session["work"] / name
+    assert_same_store(store, local)
+    # Nothing identifying stays behind: the received files are gone once the store is complete.
+    assert not (Path(f"{store}.private") / "pull" / "staging").exists()
+    assert "fetch:" in step["stderr"] and "MB/s" in step["stderr"]
+
+
+@needs_orthanc
+def test_unsupported_objects_are_listed_like_local(session, local):
+    reasons = skip_reasons(Path(f"{session['work'] / 'web'}.private"))
+    no_pixels = sum(n for r, n in reasons.items() if r.startswith("no pixel data"))
+    assert no_pixels == len(UNSUPPORTED)
+    report = json.loads((session["work"] / "web" / "report.json").read_text())
+    assert report["skipped_by_reason"]["no pixel data"] == len(UNSUPPORTED)
+
+
+@needs_orthanc
+def test_second_pull_fetches_nothing(session):
+    step = session["by_name"]["web_again"]
+    assert step["rc"] == 0, step["stderr"]
+    assert "fetched 0 instances" in step["stdout"]
+    assert "up to date" in step["stdout"]
+
+
+@needs_orthanc
+def test_query_filters_by_modality(session, corpus):
+    step = session["by_name"]["web_ct"]
+    assert step["rc"] == 0, step["stderr"]
+    table = st.read_csv_columns(session["work"] / "web_ct" / "images" / "table.csv")
+    assert set(table["modality"]) == {"CT"}
+    ct = {
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        for f in session["accepted"]
+        if pydicom.dcmread(f, stop_before_pixels=True).get("Modality") == "CT"
+    }
+    manifest = st.read_manifest(session["work"] / "web_ct")
+    assert manifest["counts"]["files"] == len(ct)
+
+
+@needs_orthanc
+@pytest.mark.parametrize("name", ["bad_password", "no_credentials"])
+def test_authentication_failure_is_a_clear_error(session, name):
+    step = session["by_name"][name]
+    assert step["rc"] == 2
+    assert "refused the credentials (HTTP 401)" in step["stderr"]
+    assert "wrong-password-x" not in step["stdout"] + step["stderr"]
+    assert not (session["work"] / "bad" / "manifest.json").exists()
+
+
+@needs_orthanc
+def test_wrong_called_ae_title_is_a_clear_error(session):
+    step = session["by_name"]["wrong_called_aet"]
+    assert step["rc"] == 2
+    assert "Called AE title not recognised" in step["stderr"]
+
+
+@needs_orthanc
+def test_unknown_move_destination_is_a_clear_error_or_falls_back_to_c_get(session, local):
+    step = session["by_name"]["unknown_destination"]
+    assert step["rc"] == 2
+    assert "AE title 'STRANGER'" in step["stderr"], step["stderr"]
+    step = session["by_name"]["unknown_destination_auto"]
+    assert step["rc"] == 0, step["stderr"]
+    assert_same_store(session["work"] / "auto", local)
