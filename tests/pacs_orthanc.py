@@ -11,10 +11,10 @@ WORK/results.json for the test to assert on. Steps:
     {"op": "start"}                      start Orthanc (its database survives a restart)
     {"op": "stop"}                       kill Orthanc (SIGKILL: a crash, not a shutdown)
     {"op": "upload", "files": [...]}     POST each file to /instances; results["accepted"]
-    {"op": "pull", "name": N, "args": [...], "env": {...},
-     "kill_orthanc_at_staged": K, "staging": DIR}
-                                         run `pgjax pull ARGS`; with kill_orthanc_at_staged,
-                                         kill Orthanc once K instances are staged in DIR
+    {"op": "pull", "name": N, "args": [...], "env": {...}, "staging": DIR,
+     "kill_orthanc_at_staged": K | "kill_pull_at_staged": K}
+                                         run `pgjax pull ARGS`; kill Orthanc (or the pull)
+                                         once K instances are staged in DIR
 """
 
 from __future__ import annotations
@@ -123,14 +123,19 @@ def run_pull(step: dict, orthanc: Orthanc) -> dict:
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = {"name": step.get("name", "")}
-    kill_at = step.get("kill_orthanc_at_staged")
+    kill_at = step.get("kill_orthanc_at_staged") or step.get("kill_pull_at_staged")
     if kill_at:
         staging = Path(step["staging"])
         while proc.poll() is None and _count_staged(staging) < kill_at:
-            time.sleep(0.02)
+            time.sleep(0.01)
         out["staged_at_kill"] = _count_staged(staging)
-        orthanc.stop()
+        if step.get("kill_pull_at_staged"):
+            proc.send_signal(signal.SIGKILL)
+        else:
+            orthanc.stop()
     stdout, stderr = proc.communicate(timeout=step.get("timeout", 300))
+    if "staging" in step:
+        out["staged_after"] = _count_staged(Path(step["staging"]))
     out.update(
         rc=proc.returncode,
         stdout=stdout.decode(errors="replace"),

@@ -328,3 +328,91 @@ def test_unknown_move_destination_is_a_clear_error_or_falls_back_to_c_get(sessio
     step = session["by_name"]["unknown_destination_auto"]
     assert step["rc"] == 0, step["stderr"]
     assert_same_store(session["work"] / "auto", local)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kill and resume: the pull killed, Orthanc killed mid-pull and restarted.
+
+
+@pytest.fixture(scope="module")
+def interrupted(corpus):
+    if NO_ORTHANC:
+        pytest.skip(NO_ORTHANC)
+    work = corpus["root"] / "orthanc_kill"
+    salt = corpus["salt_file"]
+    # A delay per staged instance widens the window; few retries make a dead PACS fail fast.
+    slow = {**CREDS, "PGJAX_TEST_PULL_DELAY_S": "0.05"}
+    fast_fail = ("--retries", "1", "--backoff", "0.1", "--timeout", "5")
+    web_args, move_args = web(*fast_fail), dimse("--retrieve", "move", *fast_fail)
+    web_stage = f"{work / 'web'}.private/pull/staging"
+    move_stage = f"{work / 'move'}.private/pull/staging"
+    steps = [
+        {"op": "start"},
+        {"op": "upload", "files": corpus["files"]},
+        pull_step("web_pull_killed", web_args, work / "web", salt, env=slow,
+                  kill_pull_at_staged=15, staging=web_stage),
+        pull_step("web_orthanc_killed", web_args, work / "web", salt, env=slow,
+                  kill_orthanc_at_staged=35, staging=web_stage),
+        {"op": "start"},
+        pull_step("web_resumed", web_args, work / "web", salt, env=CREDS, staging=web_stage),
+        pull_step("move_orthanc_killed", move_args, work / "move", salt, env=slow,
+                  kill_orthanc_at_staged=20, staging=move_stage),
+        {"op": "start"},
+        pull_step("move_resumed", move_args, work / "move", salt, staging=move_stage),
+    ]  # fmt: skip
+    results = run_job(work, steps)
+    results["work"] = work
+    return results
+
+
+def identifiers(files) -> set[str]:
+    """UIDs, names and IDs of the files: none may appear in what a pull prints."""
+    out = set()
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"):
+            if str(ds.get(k, "") or "").strip():
+                out.add(str(ds.get(k)).strip())
+        name = str(ds.get("PatientName", "") or "").strip()
+        out.update(p for p in name.split("^") if len(p) >= 4)
+    return out
+
+
+@needs_orthanc
+@pytest.mark.parametrize("fixture", ["session", "interrupted"])
+def test_no_identifier_in_pull_output(request, fixture):
+    results = request.getfixturevalue(fixture)
+    ids = identifiers(results["accepted"])
+    for step in results["steps"]:
+        text = step["stdout"] + step["stderr"]
+        leaked = sorted(i for i in ids if i in text)
+        assert not leaked, (step["name"], leaked[:3])
+
+
+def _fetched(step) -> tuple[int, int]:
+    """(fetched, already here) from a pull's summary line."""
+    words = step["stdout"].split("fetched ", 1)[1].split()
+    return int(words[0]), int(step["stdout"].split(" were already here")[0].split()[-1])
+
+
+@needs_orthanc
+@pytest.mark.parametrize("path", ["web", "move"])
+def test_pull_resumes_after_kills_without_duplicates(interrupted, corpus, path):
+    by = interrupted["by_name"]
+    n = len(interrupted["accepted"])
+    killed = [by["web_pull_killed"], by["web_orthanc_killed"]] if path == "web" else []
+    killed.append(by[f"{path}_orthanc_killed"]) if path == "move" else None
+    for step in killed:
+        assert 0 < step["staged_at_kill"] < n, step
+        assert step["staged_after"] < n, step  # the pull did not finish
+    assert by["web_pull_killed"]["rc"] == -9
+    orthanc_killed = by[f"{path}_orthanc_killed"]
+    assert orthanc_killed["rc"] == 1, orthanc_killed["stderr"]
+    assert "rerun to resume" in orthanc_killed["stderr"]
+    resumed = by[f"{path}_resumed"]
+    assert resumed["rc"] == 0, resumed["stderr"]
+    fetched, already = _fetched(resumed)
+    # Every instance staged before is reused, and only the rest is fetched: no duplicates.
+    assert already == orthanc_killed["staged_after"] and fetched + already == n
+    local = local_store(corpus, interrupted["accepted"], corpus["root"] / "local")
+    assert_same_store(interrupted["work"] / path, local)

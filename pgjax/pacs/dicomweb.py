@@ -60,6 +60,11 @@ def parse_multipart(content_type: str, body: bytes) -> list[bytes]:
     return parts
 
 
+def redact_path(path: str) -> str:
+    """A request path for messages and logs: UIDs are identifiers, so they are left out."""
+    return re.sub(r"/(studies|series|instances)/[^/?]+", r"/\1/{uid}", path)
+
+
 def _value(item: dict, tag: str) -> str:
     values = (item.get(tag) or {}).get("Value") or [""]
     return str(values[0])
@@ -126,7 +131,7 @@ class DicomwebSource:
                 "PGJAX_PACS_USER/PGJAX_PACS_PASSWORD or PGJAX_PACS_TOKEN, or --auth-file"
             )
         if r.status_code in RETRYABLE_STATUS:
-            raise TransientError(f"{self.name}: HTTP {r.status_code} for {path}")
+            raise TransientError(f"{self.name}: HTTP {r.status_code} for {redact_path(path)}")
         return r
 
     def _get(self, path: str, params=None, accept="application/dicom+json") -> requests.Response:
@@ -134,7 +139,7 @@ class DicomwebSource:
             lambda: self._get_once(path, params, accept),
             retries=self.retries,
             backoff_s=self.backoff_s,
-            what=f"GET {path}",
+            what=f"GET {redact_path(path)}",
         )
 
     def search(self, path: str, params: dict[str, str]) -> Iterator[dict]:
@@ -145,7 +150,9 @@ class DicomwebSource:
             if r.status_code == 204:
                 return
             if r.status_code != 200:
-                raise PacsError(f"{self.name}: QIDO-RS {path} answered HTTP {r.status_code}")
+                raise PacsError(
+                    f"{self.name}: QIDO-RS {redact_path(path)} answered HTTP {r.status_code}"
+                )
             page = r.json() if r.content else []
             fresh = [m for m in page if repr(sorted(m.items())) not in seen]
             seen.update(repr(sorted(m.items())) for m in fresh)

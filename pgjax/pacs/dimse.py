@@ -160,6 +160,9 @@ class DimseSource:
             if rj.result == 0x02:  # rejected transient: busy
                 raise TransientError(f"{self.name}: association rejected ({reason})")
             raise AssociationError(f"{self.name}: association rejected: {reason}{hint}")
+        if assoc.is_aborted and getattr(assoc.acceptor, "primitive", None) is None:
+            # pynetdicom marks a failed connection as aborted; no answer came at all.
+            raise TransientError(f"{self.name}: no connection")
         if assoc.is_aborted:
             raise AssociationError(
                 f"{self.name}: association aborted by the PACS (no accepted service: it may not "

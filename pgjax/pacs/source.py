@@ -55,12 +55,17 @@ Sink = Callable[[str, bytes], None]
 
 
 def with_retries(fn: Callable, *, retries: int, backoff_s: float, what: str):
-    """fn() retried on TransientError with exponential back-off and jitter (cap 30 s)."""
+    """fn() retried on TransientError with exponential back-off and jitter (cap 30 s).
+
+    `what` goes into the final message: it must not hold identifiers (UIDs are identifiers).
+    """
     for attempt in range(retries + 1):
         try:
             return fn()
         except TransientError as e:
             if attempt == retries:
+                if "(gave up" in str(e):  # an inner retry loop has said it already
+                    raise
                 raise TransientError(f"{what}: {e} (gave up after {retries + 1} tries)") from e
             delay = min(30.0, backoff_s * 2**attempt) * (0.5 + random.random())
             time.sleep(delay)
