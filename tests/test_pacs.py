@@ -416,3 +416,68 @@ def test_pull_resumes_after_kills_without_duplicates(interrupted, corpus, path):
     assert already == orthanc_killed["staged_after"] and fetched + already == n
     local = local_store(corpus, interrupted["accepted"], corpus["root"] / "local")
     assert_same_store(interrupted["work"] / path, local)
+
+
+# ---------------------------------------------------------------------------------------------
+# Into an existing store: a second pull adds the studies (and slices) the PACS gained.
+
+
+@pytest.fixture(scope="module")
+def appended(corpus):
+    if NO_ORTHANC:
+        pytest.skip(NO_ORTHANC)
+    work = corpus["root"] / "orthanc_append"
+    salt = corpus["salt_file"]
+    files = corpus["files"]
+    # The first batch holds half of one CT series (too few slices for a volume), the second
+    # batch the rest of it: the series grows, its volume must be made, and the earlier
+    # store's other rows are reused.
+    ct = sorted(
+        f
+        for f in files
+        if "/synth/" in f and pydicom.dcmread(f, stop_before_pixels=True).Modality == "CT"
+    )
+    first = files[:8] + ct[: len(ct) // 2]
+    second = [f for f in files if f not in first]
+    steps = [
+        {"op": "start"},
+        {"op": "upload", "files": first},
+        pull_step("web_first", web(), work / "web", salt, env=CREDS),
+        pull_step("move_first", dimse(), work / "move", salt),
+        {"op": "upload", "files": second},
+        pull_step("web_append", web(), work / "web", salt, env=CREDS),
+        pull_step("move_append", dimse(), work / "move", salt),
+        pull_step("web_again", web(), work / "web", salt, env=CREDS),
+    ]
+    results = run_job(work, steps)
+    results["work"], results["first"], results["ct"] = work, first, ct
+    return results
+
+
+@needs_orthanc
+@pytest.mark.parametrize("path", ["web", "move"])
+def test_pull_appends_to_an_existing_store(appended, corpus, path):
+    by = appended["by_name"]
+    first, append = by[f"{path}_first"], by[f"{path}_append"]
+    assert first["rc"] == 0 and append["rc"] == 0, first["stderr"] + append["stderr"]
+    accepted = appended["accepted"]
+    series = {
+        f: str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in accepted
+    }
+    earlier = [f for f in accepted if f in appended["first"]]
+    grown = {series[f] for f in accepted if f not in earlier} & {series[f] for f in earlier}
+    assert series[appended["ct"][0]] in grown
+    refetched = [f for f in earlier if series[f] in grown]
+    n_all = len(accepted)
+    # Only the new instances are fetched, plus the earlier instances of the series that grew.
+    assert _fetched(append) == (
+        n_all - len(earlier) + len(refetched),
+        len(earlier) - len(refetched),
+    )
+    local = local_store(corpus, appended["accepted"], corpus["root"] / "local")
+    assert_same_store(appended["work"] / path, local)
+    private = Path(f"{appended['work'] / path}.private")
+    assert not (private / "pull" / "previous").exists()
+    assert not (private / "pull" / "staging").exists()
+    if path == "web":
+        assert _fetched(by["web_again"]) == (0, n_all)

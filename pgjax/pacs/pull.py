@@ -32,6 +32,7 @@ from pathlib import Path
 from pgjax.data import store as st
 from pgjax.data.config import PreprocessConfig
 from pgjax.data.deid import hash_key, load_or_create_salt
+from pgjax.data.earlier import load_records
 from pgjax.data.preprocess import Workspace, default_private, load_scan, preprocess
 from pgjax.data.protocol import check_schema
 from pgjax.data.schema import Schema
@@ -100,13 +101,55 @@ class Staging:
             time.sleep(self.delay_s)
 
 
-def _earlier_instance_keys(ws: Workspace) -> set[str]:
-    """Keys of the instances a complete store was built from (skipped ones included)."""
+def _known_keys(records) -> set[str]:
+    """The instances these scan records came from: staged files are named by key, and a record
+    of a file that was not staged (a store made by `pgjax preprocess`) has its key inside."""
+    return {r.instance_key for r in records if r.instance_key} | {
+        Path(r.path).stem for r in records
+    }
+
+
+def _same_settings(manifest: dict, cfg: PreprocessConfig) -> bool:
+    return manifest["config"] == json.loads(json.dumps(cfg.to_json()))
+
+
+def _set_aside(ws: Workspace, pull_dir: Path, records_path: Path, previous: Path) -> None:
+    """Move the complete store, its scan records and skip list to PREVIOUS for an append.
+
+    Built in a temporary folder and renamed: a kill in between leaves either the store where
+    it was or PREVIOUS whole (`_recover` undoes a half-made temporary folder)."""
+    tmp = pull_dir / "previous.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    records = [r.to_json() for r in load_records_file(records_path, ws)]
+    st.write_json_atomic(tmp / "scan.json", records)
+    if (ws.private / "skipped.csv").exists():
+        shutil.copy2(ws.private / "skipped.csv", tmp / "skipped.csv")
+    os.replace(ws.store, tmp / "store")
+    os.replace(tmp, previous)
+    for d in (ws.scan_dir, ws.plan_dir, ws.units_dir):  # the new run plans afresh
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _recover(ws: Workspace, pull_dir: Path) -> None:
+    tmp = pull_dir / "previous.tmp"
+    if tmp.exists():
+        if (tmp / "store").exists() and not ws.store.exists():
+            os.replace(tmp / "store", ws.store)
+        shutil.rmtree(tmp)
+
+
+def load_records_file(records_path: Path, ws: Workspace):
+    """The scan records of every instance in the complete store: the pull's own list, or for a
+    store made by `pgjax preprocess`, its scan."""
+    from pgjax.data.scan import ScanRecord
+
+    if records_path.exists():
+        return [ScanRecord.from_json(r) for r in json.loads(records_path.read_text())]
     try:
-        records = load_scan(ws)
+        return load_scan(ws)
     except ValueError:
-        return set()
-    return {Path(r.path).stem for r in records}
+        return []
 
 
 def _store_state(ws: Workspace) -> dict | None:
@@ -150,22 +193,36 @@ def pull(
         pull_dir / "staging", salt, float(os.environ.get("PGJAX_TEST_PULL_DELAY_S", "0"))
     )
 
+    records_path = pull_dir / "scan.json"  # every instance of the complete store
+    previous = pull_dir / "previous"  # an append under way: the earlier store, set aside
+    undeliverable_path = pull_dir / "undeliverable.txt"
+    _recover(ws, pull_dir)
     manifest = _store_state(ws)
     complete = manifest is not None and manifest.get("state") == "complete"
-    if complete and manifest["config"] != json.loads(json.dumps(cfg.to_json())):
-        if not overwrite:
-            raise ValueError(
-                f"{store} was made with other settings; pass --overwrite to fetch everything "
-                "again and rebuild it, or write to a new store"
-            )
-        complete = False
-        shutil.rmtree(ws.scan_dir, ignore_errors=True)
-    undeliverable_path = pull_dir / "undeliverable.txt"
-    earlier = set()
-    if complete:
-        earlier = _earlier_instance_keys(ws)
-        if undeliverable_path.exists():  # reported when the store was built; not asked again
-            earlier |= set(undeliverable_path.read_text().split())
+    if previous.exists():
+        manifest, complete = st.read_manifest(previous / "store"), False
+    if manifest is not None and manifest.get("state") == "complete":
+        if not _same_settings(manifest, cfg):
+            if not overwrite:
+                raise ValueError(
+                    f"{store} was made with other settings; pass --overwrite to fetch "
+                    "everything again and rebuild it, or write to a new store"
+                )
+            complete = False
+            shutil.rmtree(previous, ignore_errors=True)
+            records_path.unlink(missing_ok=True)
+            shutil.rmtree(ws.scan_dir, ignore_errors=True)
+    known = set()
+    if previous.exists():
+        known = _known_keys(load_records(previous))
+    elif complete:
+        known = _known_keys(load_records_file(records_path, ws))
+    if known and undeliverable_path.exists():  # reported when the store was built
+        known |= set(undeliverable_path.read_text().split())
+    if complete:  # files left by a run killed after its store was complete
+        for path in staging.files():
+            if path.stem in known:
+                path.unlink()
 
     result = PullResult()
     t0 = time.monotonic()
@@ -175,10 +232,13 @@ def pull(
     result.instances = sum(len(s.instances) for s in studies)
     todo: list[tuple[object, list[InstanceRef]]] = []
     for study in studies:
+        new = {r.sop for r in study.instances if staging.key(r.sop) not in known}
+        # A series that gains instances is fetched whole: its volume must be made again.
+        grown = {r.series for r in study.instances if r.sop in new}
         wanted = [
             r
             for r in study.instances
-            if staging.key(r.sop) not in earlier and not staging.has(r.sop)
+            if (r.sop in new or r.series in grown) and not staging.has(r.sop)
         ]
         result.already += len(study.instances) - len(wanted)
         if wanted:
@@ -203,21 +263,21 @@ def pull(
         return result
 
     staged = staging.files()
-    if complete and not staged:
-        result.up_to_date = True
-        return result
-    if complete:
-        raise ValueError(
-            f"{store} is complete and the PACS has {len(staged)} new instances; a pull adds "
-            "to a store only while it is being built: pull into a new store (--out), or pass "
-            "--overwrite to fetch everything again and rebuild this one"
-        )
-    if not staged:
+    if not staged and not previous.exists():
+        if complete:
+            result.up_to_date = True
+            return result
         raise ValueError("the search found no instances to store; check --query")
     undelivered = [
         staging.key(r.sop) for _, wanted in todo for r in wanted if not staging.has(r.sop)
     ]
-    undeliverable_path.write_text("".join(k + "\n" for k in sorted(undelivered)))
+    old_undelivered = undeliverable_path.read_text().split() if known else []
+    undeliverable_path.write_text(
+        "".join(k + "\n" for k in sorted(set(undelivered) | set(old_undelivered)))
+    )
+    if complete:  # append: the earlier store is set aside and its rows reused
+        _set_aside(ws, pull_dir, records_path, previous)
+    earlier = previous if previous.exists() else None
     result.store_summary = preprocess(
         [staging.root],
         store,
@@ -229,9 +289,15 @@ def pull(
         workers=workers,
         compression=compression,
         overwrite=overwrite,
+        earlier=earlier,
     )
     # The store is complete: the received files have done their job. The scan records (private)
-    # still name them by key, which is how the next pull knows what it has.
+    # name every instance by key, which is how the next pull knows what it has. In this order,
+    # a kill at any point leaves a state the next pull finishes correctly.
+    records = [r.to_json() for r in load_scan(ws, earlier)]
+    if earlier:
+        shutil.rmtree(earlier)
+    st.write_json_atomic(records_path, records)
     shutil.rmtree(staging.root)
     return result
 
