@@ -27,6 +27,7 @@ from pgjax.data.preprocess import preprocess
 from pgjax.pacs.credentials import load_auth
 from pgjax.pacs.dicomweb import parse_multipart, split_query
 from pgjax.pacs.dimse import parse_address
+from pgjax.pacs.source import InstanceRef, PacsError, StudyRef, TransientError
 
 DRIVER = Path(__file__).with_name("pacs_orthanc.py")
 sys.path.insert(0, str(DRIVER.parent))
@@ -104,6 +105,110 @@ def test_credentials_in_the_url_are_refused():
 
     with pytest.raises(ValueError, match="credentials in the URL"):
         DicomwebSource("https://user:secret@pacs/dicom-web")
+
+
+class FolderSource:
+    """A PACS stand-in serving files from disk, for the pull's logic without a network."""
+
+    kind, name, retries, backoff_s = "folder", "folder", 0, 0.0
+
+    def __init__(self, files, fail=None):
+        self.path, self.fail = {}, fail or {}  # fail: SOP Instance UID -> exception
+        self.studies = {}
+        for f in files:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            ref = InstanceRef(
+                str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+            )
+            self.path[ref.sop] = f
+            self.studies.setdefault(ref.study, []).append(ref)
+        self.fetched = []
+
+    def check(self):
+        pass
+
+    def find(self, query):
+        return [StudyRef(uid, refs) for uid, refs in sorted(self.studies.items())]
+
+    def retrieve_study(self, study, wanted, sink):
+        failed = 0
+        for ref in wanted:
+            if ref.sop in self.fail:
+                if isinstance(self.fail[ref.sop], TransientError):
+                    raise self.fail[ref.sop]
+                failed += 1
+                continue
+            self.fetched.append(ref.sop)
+            sink(ref.sop, Path(self.path[ref.sop]).read_bytes())
+        return f"{failed} instance(s): the server cannot send it" if failed else None
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """pydicom files (one per study) and a synthetic CT series split in two halves."""
+    from pgjax.synth.corpus import write_corpus
+
+    root = tmp_path_factory.mktemp("pull_logic")
+    write_corpus(
+        root / "synth", studies=2, radiograph_size=32, ct_size=32, ct_slices=(10, 10),
+        modality_mix=(0.0, 1.0, 0.0, 0.0),
+    )  # fmt: skip
+    synth = sorted(str(p) for p in (root / "synth" / "dicom").rglob("*.dcm"))
+    files = [get_testdata_file(n) for n in ("CT_small.dcm", "MR_small_RLE.dcm", "rtplan.dcm")]
+    salt_file = root / "salt"
+    load_or_create_salt(salt_file)
+    return {"root": root, "files": files + synth, "synth": synth, "salt_file": salt_file}
+
+
+def _pull(source, store, salt_file):
+    from pgjax.pacs.pull import pull
+
+    return pull(
+        source, {}, store, cfg=PreprocessConfig(site_from=SITE), salt_file=salt_file,
+        log=lambda *a: None,
+    )  # fmt: skip
+
+
+def test_pull_logic_appends_and_resumes_without_a_pacs(small_corpus, tmp_path):
+    files, salt = small_corpus["files"], small_corpus["salt_file"]
+    half = small_corpus["synth"][:5]  # half of the first CT series: too few for a volume
+    first = files[:2] + half
+    store = tmp_path / "store"
+    # A transient failure: nothing is built, what arrived stays staged for the rerun.
+    ct_sop = str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
+    sick = FolderSource(first, fail={ct_sop: TransientError("folder: busy")})
+    result = _pull(sick, store, salt)
+    assert result.incomplete and len(result.failed) == 1 and "busy" in result.failed[0][1]
+    assert not (store / "manifest.json").exists()
+    healthy = FolderSource(first)
+    result = _pull(healthy, store, salt)
+    assert not result.incomplete and len(healthy.fetched) == 1  # only what was missing
+    # The rest arrives: an append, fetching the new instances and the half series again.
+    everything = FolderSource(files)
+    result = _pull(everything, store, salt)
+    assert sorted(everything.fetched) == sorted(
+        sop for sop, f in everything.path.items() if f not in files[:2]
+    )
+    local = tmp_path / "local"
+    preprocess(files, local, cfg=PreprocessConfig(site_from=SITE), salt_file=salt)
+    assert_same_store(store, local)
+    assert _pull(FolderSource(files), store, salt).up_to_date
+
+
+def test_an_undeliverable_instance_is_listed_and_not_asked_for_again(small_corpus, tmp_path):
+    files, salt = small_corpus["files"], small_corpus["salt_file"]
+    bad_sop = str(pydicom.dcmread(files[1], stop_before_pixels=True).SOPInstanceUID)
+    source = FolderSource(files, fail={bad_sop: PacsError("HTTP 406")})
+    result = _pull(source, tmp_path / "store", salt)
+    assert len(result.failed) == 1 and "1 of 1 instances not received" in result.failed[0][1]
+    failed_csv = st.read_csv_columns(tmp_path / "store.private" / "pull" / "failed.csv")
+    assert list(failed_csv["study_uid"]) == [
+        str(pydicom.dcmread(files[1], stop_before_pixels=True).StudyInstanceUID)
+    ]
+    manifest = st.read_manifest(tmp_path / "store")
+    assert manifest["counts"]["files"] == len(files) - 1
+    again = FolderSource(files, fail={bad_sop: PacsError("HTTP 406")})
+    assert _pull(again, tmp_path / "store", salt).up_to_date and again.fetched == []
 
 
 # ---------------------------------------------------------------------------------------------
