@@ -559,6 +559,7 @@ def appended(corpus):
     return results
 
 
+@pytest.mark.slow  # ~20 s; the append logic runs in the default suite without Orthanc
 @needs_orthanc
 @pytest.mark.parametrize("path", ["web", "move"])
 def test_pull_appends_to_an_existing_store(appended, corpus, path):

@@ -363,6 +363,8 @@ def _fetch(source, todo, staging: Staging, concurrency: int, result: PullResult,
                 studies_done[0] += 1
                 if why:
                     failed_uids.append((study.uid, why))
+    if total:  # the last line, with every study counted
+        progress.update(0, extra())
     close = getattr(source, "close", None)
     if close:
         close()
