@@ -4,13 +4,15 @@
 
 The caller (tests/test_pacs.py) starts this under `unshare -n`, so the namespace has only a
 loopback interface: Orthanc 1.10 listens on every interface, and here there is no other one.
-The job file names a work folder and a list of steps; the results (exit codes, output, files
+The job file names a work folder, Orthanc settings to change ("orthanc": {...}) and a list of
+steps; the results (exit codes, output, files
 Orthanc accepted, how many instances were staged when Orthanc was killed) go to
 WORK/results.json for the test to assert on. Steps:
 
     {"op": "start"}                      start Orthanc (its database survives a restart)
     {"op": "stop"}                       kill Orthanc (SIGKILL: a crash, not a shutdown)
     {"op": "upload", "files": [...]}     POST each file to /instances; results["accepted"]
+    {"op": "tls_proxy", "cert": C, "key": K, "port": P}   HTTPS on P in front of Orthanc
     {"op": "pull", "name": N, "args": [...], "env": {...}, "staging": DIR,
      "kill_orthanc_at_staged": K | "kill_pull_at_staged": K}
                                          run `pgjax pull ARGS`; kill Orthanc (or the pull)
@@ -23,8 +25,11 @@ import base64
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -67,13 +72,15 @@ def orthanc_config(work: Path) -> dict:
 
 
 class Orthanc:
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, overrides: dict | None = None):
         self.work, self.proc = work, None
         self.config = work / "orthanc.json"
-        self.config.write_text(json.dumps(orthanc_config(work), indent=1))
+        config = {**orthanc_config(work), **(overrides or {})}
+        self.config.write_text(json.dumps(config, indent=1))
 
     def request(self, method: str, path: str, data: bytes | None = None):
-        req = urllib.request.Request(f"http://127.0.0.1:{HTTP_PORT}{path}", data, method=method)
+        url = f"http://127.0.0.1:{HTTP_PORT}{path}"
+        req = urllib.request.Request(url, data, method=method)
         token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=30) as r:
@@ -108,6 +115,48 @@ class Orthanc:
             if answer.get("Status") == "Success":
                 accepted.append(f)
         return accepted
+
+
+class TlsProxy:
+    """HTTPS in front of Orthanc's HTTP port. Orthanc's own TLS (SslEnabled) crashes the Debian
+    build 1.10.1 on the first connection here, and what the tests check is pgjax's TLS client.
+    """
+
+    def __init__(self, cert: str, key: str, port: int):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server = socket.create_server(("127.0.0.1", port))
+        threading.Thread(target=self._serve, args=(server, context), daemon=True).start()
+
+    def _serve(self, server, context):
+        while True:
+            client, _ = server.accept()
+            threading.Thread(target=self._handle, args=(client, context), daemon=True).start()
+
+    @staticmethod
+    def _handle(client, context):
+        try:
+            tls = context.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError):  # a client that refused our certificate
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", HTTP_PORT))
+
+        def pump(src, dst):
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pump, args=(upstream, tls), daemon=True).start()
+        pump(tls, upstream)
 
 
 def _count_staged(staging: Path) -> int:
@@ -151,7 +200,7 @@ def main(job_path: str) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = {"steps": [], "accepted": []}
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    orthanc = Orthanc(work)
+    orthanc = Orthanc(work, job.get("orthanc"))
     try:
         for step in job["steps"]:
             op = step["op"]
@@ -161,6 +210,8 @@ def main(job_path: str) -> int:
                 orthanc.stop()
             elif op == "upload":
                 results["accepted"] += orthanc.upload(step["files"])
+            elif op == "tls_proxy":
+                TlsProxy(step["cert"], step["key"], step["port"])
             elif op == "pull":
                 results["steps"].append(run_pull(step, orthanc))
             else:

@@ -233,10 +233,12 @@ def corpus(tmp_path_factory):
     return {"root": root, "files": files, "salt_file": salt_file}
 
 
-def run_job(work: Path, steps: list[dict]) -> dict:
+def run_job(work: Path, steps: list[dict], orthanc_settings: dict | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     job = work / "job.json"
-    job.write_text(json.dumps({"work": str(work), "steps": steps}))
+    job.write_text(
+        json.dumps({"work": str(work), "steps": steps, "orthanc": orthanc_settings or {}})
+    )
     proc = subprocess.run(
         ["unshare", "-n", sys.executable, str(DRIVER), str(job)],
         capture_output=True,
@@ -587,3 +589,90 @@ def test_pull_appends_to_an_existing_store(appended, corpus, path):
     assert not (private / "pull" / "staging").exists()
     if path == "web":
         assert _fetched(by["web_again"]) == (0, n_all)
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS, a date range, and a study the PACS cannot send to us (a SOP class our SCP refuses).
+
+
+def _copy_ct(src_dir: Path, name: str, patient: str, sop_class: str | None = None) -> str:
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientID = patient
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if sop_class:  # a private SOP class: no standard Storage SCP accepts it
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    path = src_dir / name
+    ds.save_as(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def extras(corpus):
+    if NO_ORTHANC:
+        pytest.skip(NO_ORTHANC)
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl missing: cannot make a test certificate")
+    work = corpus["root"] / "orthanc_extras"
+    work.mkdir()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(work / "key.pem"), "-out", str(work / "cert.pem"),
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    private = [
+        _copy_ct(work, "private_class.dcm", "PGJAXPRIVATE", "1.2.826.0.1.3680043.8.498.99"),
+        _copy_ct(work, "ordinary.dcm", "PGJAXPRIVATE"),
+    ]
+    salt = corpus["salt_file"]
+    https = "https://127.0.0.1:8443/dicom-web"
+    dates = ("--query", "StudyDate=20150101-20191231")
+    steps = [
+        {"op": "start"},
+        {"op": "upload", "files": corpus["files"] + private},
+        {"op": "tls_proxy", "cert": str(work / "cert.pem"), "key": str(work / "key.pem"),
+         "port": 8443},
+        pull_step("tls", ["--dicomweb", https, "--ca-bundle", str(work / "cert.pem"), *dates],
+                  work / "tls", salt, env=CREDS),
+        pull_step("tls_unverified", ["--dicomweb", https], work / "bad", salt, env=CREDS),
+        pull_step("private_class", dimse("--retrieve", "move", "--query", "PatientID=PGJAXPRIVATE"),
+                  work / "private", salt),
+    ]  # fmt: skip
+    results = run_job(work, steps)
+    results["work"], results["private"] = work, private
+    return results
+
+
+@pytest.mark.slow
+@needs_orthanc
+def test_dicomweb_over_tls_with_a_date_range(extras):
+    by = extras["by_name"]
+    assert by["tls"]["rc"] == 0, by["tls"]["stderr"]
+    in_range = [
+        f
+        for f in extras["accepted"]
+        if "20150101"
+        <= str(pydicom.dcmread(f, stop_before_pixels=True).get("StudyDate", ""))
+        <= "20191231"
+    ]
+    assert in_range and len(in_range) < len(extras["accepted"])
+    assert st.read_manifest(extras["work"] / "tls")["counts"]["files"] == len(in_range)
+    assert by["tls_unverified"]["rc"] == 2
+    assert "TLS verification failed" in by["tls_unverified"]["stderr"]
+
+
+@pytest.mark.slow
+@needs_orthanc
+def test_a_study_the_pacs_cannot_send_is_listed_and_the_rest_stored(extras):
+    step = extras["by_name"]["private_class"]
+    assert step["rc"] == 0, step["stderr"]
+    # Orthanc refuses the whole move of a study holding a SOP class our SCP does not accept
+    # (status 0xC000); other PACS report a failed sub-operation. Either way: listed, the rest kept.
+    assert "C-MOVE failed, status 0xC000: the PACS could not process it" in step["stderr"]
+    assert st.read_manifest(extras["work"] / "private")["counts"]["files"] == 1
+    failed = st.read_csv_columns(Path(f"{extras['work'] / 'private'}.private/pull/failed.csv"))
+    uid = str(pydicom.dcmread(extras["private"][0], stop_before_pixels=True).StudyInstanceUID)
+    assert list(failed["study_uid"]) == [uid]

@@ -9,6 +9,7 @@ bytes the PACS holds, as with a local copy.
 from __future__ import annotations
 
 import re
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -60,6 +61,22 @@ def parse_multipart(content_type: str, body: bytes) -> list[bytes]:
     return parts
 
 
+def _ssl_cause(e: BaseException) -> BaseException | None:
+    """The ssl module's exception inside a requests error, if any."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ssl.SSLError):
+            return x
+        stack += [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
+        stack += [c for c in (x.__cause__, x.__context__, getattr(x, "reason", None)) if c]
+    return None
+
+
 def redact_path(path: str) -> str:
     """A request path for messages and logs: UIDs are identifiers, so they are left out."""
     return re.sub(r"/(studies|series|instances)/[^/?]+", r"/\1/{uid}", path)
@@ -107,7 +124,7 @@ class DicomwebSource:
         s = getattr(self._local, "session", None)
         if s is None:
             s = self._local.session = requests.Session()
-            s.auth, s.verify = self.auth, self.verify
+            s.auth = self.auth
         return s
 
     def _get_once(self, path: str, params: dict | None, accept: str) -> requests.Response:
@@ -117,12 +134,21 @@ class DicomwebSource:
                 f"{quote(k, safe='')}={quote(str(v), safe='*,-.^')}" for k, v in params.items()
             )
         try:
-            r = self._session().get(url, headers={"Accept": accept}, timeout=self.timeout_s)
+            # verify per request: a session's setting loses to REQUESTS_CA_BUNDLE in requests.
+            r = self._session().get(
+                url, headers={"Accept": accept}, timeout=self.timeout_s, verify=self.verify
+            )
         except requests.exceptions.SSLError as e:
-            raise PacsError(
-                f"{self.name}: TLS verification failed ({type(e).__name__}); pass the server's "
-                "CA with --ca-bundle FILE"
-            ) from e
+            cause = _ssl_cause(e)
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise PacsError(
+                    f"{self.name}: TLS verification failed ({cause.verify_message}); pass the "
+                    "server's CA with --ca-bundle FILE"
+                ) from e
+            # A TLS connection cut short (the server restarting, a proxy timing out) is worth
+            # another try; the message names the TLS reason only (requests' names the URL).
+            reason = getattr(cause, "reason", None) or type(cause or e).__name__
+            raise TransientError(f"{self.name}: TLS error ({reason})") from e
         except (requests.ConnectionError, requests.Timeout) as e:
             raise TransientError(f"{self.name}: {type(e).__name__}") from e
         if r.status_code in (401, 403):

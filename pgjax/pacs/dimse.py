@@ -315,6 +315,11 @@ class DimseSource:
                 )
             if code in (0xA701, 0xA702):
                 raise TransientError(f"{self.name}: {what} out of resources")
+            if 0xC000 <= code <= 0xCFFF:
+                raise PacsError(
+                    f"{self.name}: {what} failed, {_status_text(final)}: the PACS could not "
+                    "process it (e.g. an object our Storage SCP does not accept)"
+                )
             if code not in (0x0000, 0xB000):
                 raise PacsError(f"{self.name}: {what} failed, {_status_text(final)}")
             failed += int(getattr(final, "NumberOfFailedSuboperations", 0) or 0)
