@@ -195,6 +195,31 @@ def test_pull_logic_appends_and_resumes_without_a_pacs(small_corpus, tmp_path):
     assert _pull(FolderSource(files), store, salt).up_to_date
 
 
+def test_an_append_killed_while_preprocessing_resumes(small_corpus, tmp_path, monkeypatch):
+    import pgjax.pacs.pull as pull_module
+
+    files, salt = small_corpus["files"], small_corpus["salt_file"]
+    store = tmp_path / "store"
+    _pull(FolderSource(files[:4]), store, salt)
+    real = pull_module.preprocess
+
+    def killed_after_plan(*args, **kwargs):  # the store half made, the earlier one set aside
+        real(*args, **{**kwargs, "phases": ("scan", "plan")})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pull_module, "preprocess", killed_after_plan)
+    with pytest.raises(KeyboardInterrupt):
+        _pull(FolderSource(files), store, salt)
+    assert (tmp_path / "store.private" / "pull" / "previous" / "store").exists()
+    monkeypatch.setattr(pull_module, "preprocess", real)
+    resumed = FolderSource(files)
+    _pull(resumed, store, salt)
+    assert resumed.fetched == []  # everything was staged before the kill
+    local = tmp_path / "local"
+    preprocess(files, local, cfg=PreprocessConfig(site_from=SITE), salt_file=salt)
+    assert_same_store(store, local)
+
+
 def test_an_undeliverable_instance_is_listed_and_not_asked_for_again(small_corpus, tmp_path):
     files, salt = small_corpus["files"], small_corpus["salt_file"]
     bad_sop = str(pydicom.dcmread(files[1], stop_before_pixels=True).SOPInstanceUID)

@@ -16,6 +16,11 @@ key on screen, UID in the private PRIVATE/pull/failed.csv) while the others cont
 PACS was unreachable or busy (after retries with back-off) the store is not built, so that a
 rerun can finish the job; refused credentials or AE titles stop the pull at once with what to
 fix.
+
+Into an existing store (a later pull that finds new instances): the complete store, its scan
+records and skip list are set aside in PRIVATE/pull/previous/, and the new files are
+preprocessed with `earlier=` that folder (pgjax/data/earlier.py): one plan over every record,
+earlier rows copied from the earlier store. A series that gained instances is fetched whole.
 """
 
 from __future__ import annotations
@@ -159,6 +164,31 @@ def _store_state(ws: Workspace) -> dict | None:
         return None
 
 
+def _what_is_here(ws, cfg, overwrite, records_path: Path, previous: Path):
+    """(is the store complete, keys of the instances it or a set-aside earlier store holds)."""
+    _recover(ws, previous.parent)
+    manifest = _store_state(ws)
+    complete = manifest is not None and manifest.get("state") == "complete"
+    if previous.exists():
+        manifest, complete = st.read_manifest(previous / "store"), False
+    if manifest is not None and manifest.get("state") == "complete":
+        if not _same_settings(manifest, cfg):
+            if not overwrite:
+                raise ValueError(
+                    f"{ws.store} was made with other settings; pass --overwrite to fetch "
+                    "everything again and rebuild it, or write to a new store"
+                )
+            complete = False
+            shutil.rmtree(previous, ignore_errors=True)
+            records_path.unlink(missing_ok=True)
+            shutil.rmtree(ws.scan_dir, ignore_errors=True)
+    if previous.exists():
+        return complete, _known_keys(load_records(previous))
+    if complete:
+        return complete, _known_keys(load_records_file(records_path, ws))
+    return complete, set()
+
+
 def pull(
     source,
     query: dict[str, str],
@@ -196,27 +226,7 @@ def pull(
     records_path = pull_dir / "scan.json"  # every instance of the complete store
     previous = pull_dir / "previous"  # an append under way: the earlier store, set aside
     undeliverable_path = pull_dir / "undeliverable.txt"
-    _recover(ws, pull_dir)
-    manifest = _store_state(ws)
-    complete = manifest is not None and manifest.get("state") == "complete"
-    if previous.exists():
-        manifest, complete = st.read_manifest(previous / "store"), False
-    if manifest is not None and manifest.get("state") == "complete":
-        if not _same_settings(manifest, cfg):
-            if not overwrite:
-                raise ValueError(
-                    f"{store} was made with other settings; pass --overwrite to fetch "
-                    "everything again and rebuild it, or write to a new store"
-                )
-            complete = False
-            shutil.rmtree(previous, ignore_errors=True)
-            records_path.unlink(missing_ok=True)
-            shutil.rmtree(ws.scan_dir, ignore_errors=True)
-    known = set()
-    if previous.exists():
-        known = _known_keys(load_records(previous))
-    elif complete:
-        known = _known_keys(load_records_file(records_path, ws))
+    complete, known = _what_is_here(ws, cfg, overwrite, records_path, previous)
     if known and undeliverable_path.exists():  # reported when the store was built
         known |= set(undeliverable_path.read_text().split())
     if complete:  # files left by a run killed after its store was complete
