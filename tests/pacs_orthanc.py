@@ -88,7 +88,10 @@ class Orthanc:
 
     def start(self) -> None:
         log = open(self.work / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=log, stderr=log)
+        # TCP_NODELAY=1: DCMTK (Orthanc's DICOM layer) then turns Nagle's algorithm off; with it
+        # on, every DIMSE answer waits ~40 ms for a delayed ACK (measured: C-ECHO 45 ms vs 3 ms).
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
