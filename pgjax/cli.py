@@ -16,6 +16,7 @@ from pgjax import __version__
 COMMANDS = {
     "synth": "pgjax.commands.synth",
     "preprocess": "pgjax.commands.preprocess",
+    "pull": "pgjax.commands.pull",
     "audit": "pgjax.commands.audit",
     "bench": "pgjax.commands.bench",
     "demo": "pgjax.commands.demo",
@@ -25,6 +26,7 @@ COMMANDS = {
 _HELP = {
     "synth": "write a synthetic multi-site DICOM corpus",
     "preprocess": "DICOM files to a de-identified, tokenized TensorStore store",
+    "pull": "studies from a PACS (DICOMweb or DIMSE) into a store, as preprocess does",
     "audit": "scan a store for identifiers taken from source DICOM files",
     "bench": "benchmarks; results go to benchmarks/results/",
     "demo": "the pipeline end to end on a small synthetic corpus",

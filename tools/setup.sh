@@ -11,3 +11,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "setup: torch==2.13.0 not available here; the export extra will pick its own build" >&2
 fi
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev,torch,pacs]"
+# Orthanc for the PACS tests: best effort, never fatal (tests/test_pacs.py skips without it).
+bash tools/setup_pacs.sh || true

@@ -13,6 +13,18 @@ HELP = "DICOM files to a de-identified, tokenized TensorStore store (resumable; 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="*", metavar="DICOM_DIR", help="folders or files to read")
+    add_store_arguments(p)
+    p.add_argument(
+        "--phase",
+        choices=["scan", "plan", "pixels", "finalize", "all"],
+        default="all",
+        help="run one phase (cluster use) or all (default)",
+    )
+    p.add_argument("--shard", metavar="I/N", help="this job's share of the scan or pixels phase")
+
+
+def add_store_arguments(p: argparse.ArgumentParser) -> None:
+    """The store and its settings; shared with `pgjax pull`, which feeds the same phases."""
     p.add_argument("--out", required=True, metavar="STORE", help="the store folder to write")
     p.add_argument(
         "--workers",
@@ -33,13 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="salt for identity hashes; created if absent (default: PRIVATE/salt). "
         "Reuse one salt for stores whose patients must match",
     )
-    p.add_argument(
-        "--phase",
-        choices=["scan", "plan", "pixels", "finalize", "all"],
-        default="all",
-        help="run one phase (cluster use) or all (default)",
-    )
-    p.add_argument("--shard", metavar="I/N", help="this job's share of the scan or pixels phase")
     p.add_argument(
         "--external-sites",
         default="",

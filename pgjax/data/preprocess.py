@@ -36,6 +36,7 @@ from pgjax import __version__
 from pgjax.data import store as st
 from pgjax.data.config import PreprocessConfig
 from pgjax.data.deid import load_or_create_salt
+from pgjax.data.earlier import fill_reusing, merge_records
 from pgjax.data.protocol import check_schema
 from pgjax.data.scan import ScanRecord, list_files, scan_chunk
 from pgjax.data.schema import Schema
@@ -181,7 +182,7 @@ def phase_scan(inputs, ws: Workspace, schema: Schema, cfg, salt, *, workers=1, s
         st.write_json_atomic(ws.scan_dir / f"chunk-{c:06d}.json", records)
 
 
-def load_scan(ws: Workspace) -> list[ScanRecord]:
+def load_scan(ws: Workspace, earlier: Path | None = None) -> list[ScanRecord]:
     meta_path = ws.scan_dir / "listing.json"
     if not meta_path.exists():
         raise ValueError(f"{ws.private}: no scan found; run `--phase scan` first")
@@ -198,7 +199,7 @@ def load_scan(ws: Workspace) -> list[ScanRecord]:
     for c in range(meta["chunks"]):
         chunk = json.loads((ws.scan_dir / f"chunk-{c:06d}.json").read_text())
         records.extend(ScanRecord.from_json(r) for r in chunk)
-    return records
+    return merge_records(records, earlier)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,10 +219,11 @@ def phase_plan(
     labels=None,
     compression="zstd",
     overwrite=False,
+    earlier: Path | None = None,
 ) -> dict:
     from pgjax.data.plan import build_plan, read_labels
 
-    records = load_scan(ws)
+    records = load_scan(ws, earlier)
     label_map = read_labels(labels, salt) if labels else {}
     fingerprint = _digest(
         [
@@ -381,7 +383,11 @@ def _write_unit_plans(ws, group, plan, records, ranges):
     for u, (start, stop) in enumerate(ranges):
         if group == "images":
             rows = [
-                {"path": records[it.record].path, "frame": it.frame}
+                {
+                    "path": records[it.record].path,
+                    "frame": it.frame,
+                    "key": records[it.record].instance_key,
+                }
                 for it in plan.images[start:stop]
             ]
         else:
@@ -390,6 +396,7 @@ def _write_unit_plans(ws, group, plan, records, ranges):
                     "paths": [records[i].path for i in v.records],
                     "frames": v.frames,
                     "plan": v.plan,
+                    "key": records[v.records[0]].series_key,
                 }
                 for v in plan.volumes[start:stop]
             ]
@@ -406,7 +413,7 @@ def _unit_done_path(ws: Workspace, group: str, u: int) -> Path:
     return ws.units_dir / f"{group}-{u:06d}.json"
 
 
-def _pixels_unit(job, store, private, cfg_json) -> None:
+def _pixels_unit(job, store, private, cfg_json, earlier=None) -> None:
     group, u = job
     from pgjax.data.pixel_units import fill_image_unit, fill_volume_unit
 
@@ -414,7 +421,10 @@ def _pixels_unit(job, store, private, cfg_json) -> None:
     cfg = PreprocessConfig.from_json(cfg_json)
     work = json.loads((ws.plan_dir / f"{group}-{u:06d}.json").read_text())
     fill = fill_image_unit if group == "images" else fill_volume_unit
-    block, failures, facts = fill(work["rows"], cfg)
+    if earlier:  # appending: rows whose files are gone come from the earlier store
+        block, failures, facts = fill_reusing(fill, work["rows"], cfg, group, Path(earlier))
+    else:
+        block, failures, facts = fill(work["rows"], cfg)
     arr = st.open_array(ws.store / group / "pixels", write=True)
     start = work["start"]
     arr[start : work["stop"]].write(block).result()
@@ -428,7 +438,7 @@ def _pixels_unit(job, store, private, cfg_json) -> None:
     st.write_json_atomic(_unit_done_path(ws, group, u), result)
 
 
-def phase_pixels(ws: Workspace, *, workers=1, shard=(0, 1)) -> None:
+def phase_pixels(ws: Workspace, *, workers=1, shard=(0, 1), earlier=None) -> None:
     manifest = st.read_manifest(ws.store)
     cfg = PreprocessConfig.from_json(manifest["config"])
     every = [(g, u) for g in st.GROUPS for u in range(manifest["units"][g])]
@@ -438,9 +448,8 @@ def phase_pixels(ws: Workspace, *, workers=1, shard=(0, 1)) -> None:
         if k % shard[1] == shard[0] and not _unit_done_path(ws, *job).exists()
     ]
     progress = Progress(len(jobs), "pixels", "shards")
-    crashed = run_units(
-        _pixels_unit, jobs, (str(ws.store), str(ws.private), cfg.to_json()), workers, progress
-    )
+    args = (str(ws.store), str(ws.private), cfg.to_json(), str(earlier) if earlier else None)
+    crashed = run_units(_pixels_unit, jobs, args, workers, progress)
     for (g, u), reason in crashed:
         work = json.loads((ws.plan_dir / f"{g}-{u:06d}.json").read_text())
         failures = [[row, reason] for row in range(work["start"], work["stop"])]
@@ -528,8 +537,13 @@ def preprocess(
     shard: tuple[int, int] = (0, 1),
     compression: str = "zstd",
     overwrite: bool = False,
+    earlier: str | Path | None = None,
 ) -> dict | None:
-    """Run the given phases; returns finalize's summary when it ran."""
+    """Run the given phases; returns finalize's summary when it ran.
+
+    `earlier`: append to an earlier run whose source files are gone (see pgjax/data/earlier.py).
+    """
+    earlier = Path(earlier) if earlier else None
     cfg = cfg or PreprocessConfig()
     schema = schema or Schema()
     check_schema(schema)  # a schema naming an identifier is refused before any file is read
@@ -545,10 +559,17 @@ def preprocess(
         phase_scan(inputs, ws, schema, cfg, salt, workers=workers, shard=shard)
     if "plan" in phases:
         phase_plan(
-            ws, schema, cfg, salt, labels=labels, compression=compression, overwrite=overwrite
+            ws,
+            schema,
+            cfg,
+            salt,
+            labels=labels,
+            compression=compression,
+            overwrite=overwrite,
+            earlier=earlier,
         )
     if "pixels" in phases:
-        phase_pixels(ws, workers=workers, shard=shard)
+        phase_pixels(ws, workers=workers, shard=shard, earlier=earlier)
     if "finalize" in phases:
         summary = phase_finalize(ws)
     return summary
