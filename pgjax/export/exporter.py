@@ -78,21 +78,19 @@ def _replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
-def export(
-    workdir: str | Path,
+def write_export(
+    config: dict,
+    variables: dict,
     out: str | Path,
-    *,
-    step: int | None = None,
-    store: str | Path | None = None,
+    store_root: str | Path | None,
     tolerance: float = parity.TOLERANCE,
 ) -> dict:
-    """Export a checkpoint to OUT; returns the parity report. Raises ExportError for bad input
-    and ParityError when PyTorch and JAX disagree beyond `tolerance` (float32 max abs)."""
+    """Write the export folder of (config.json dict, Flax variables) and check its parity;
+    returns the parity report (ParityError, leaving OUT.failed, when it fails)."""
     from pgjax.inference import JaxEncoder
 
-    workdir, out = Path(workdir), Path(out)
-    config, variables = load_workdir(workdir, step, store)
-    store_root = open_training_store(read_training_config(workdir), workdir, store).root
+    out = Path(out)
+    config = dict(config)
     state = to_torch(variables, model_rules(config["architecture"]))
     timm = timm_arguments(config["architecture"], config["input"]["shape"])
     if timm is not None:
@@ -121,3 +119,19 @@ def export(
         )
     _replace_dir(tmp, out)
     return report
+
+
+def export(
+    workdir: str | Path,
+    out: str | Path,
+    *,
+    step: int | None = None,
+    store: str | Path | None = None,
+    tolerance: float = parity.TOLERANCE,
+) -> dict:
+    """Export a checkpoint to OUT; returns the parity report. Raises ExportError for bad input
+    and ParityError when PyTorch and JAX disagree beyond `tolerance` (float32 max abs)."""
+    workdir = Path(workdir)
+    config, variables = load_workdir(workdir, step, store)
+    store_root = open_training_store(read_training_config(workdir), workdir, store).root
+    return write_export(config, variables, out, store_root, tolerance)

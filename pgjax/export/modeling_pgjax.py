@@ -361,8 +361,7 @@ class PgjaxModel(nn.Module):
             x = x[..., 0]
         if x.ndim != nd + 1:
             raise ValueError(
-                f"images must be [B, {', '.join(map(str, self.input_shape))}], got "
-                f"{tuple(x.shape)}"
+                f"images must be [B, {', '.join(map(str, self.input_shape))}], got {tuple(x.shape)}"
             )
         return x.to(torch.float32).unsqueeze(1)
 

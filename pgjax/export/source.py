@@ -46,34 +46,30 @@ def open_training_store(config: dict, workdir: Path, store: str | Path | None):
         ) from e
 
 
-def load_workdir(workdir: str | Path, step: int | None = None, store: str | Path | None = None):
-    """(export config dict, Flax variables {"params": {part: ...}, "batch_stats": ...}) of a
-    workdir's checkpoint (the latest unless `step`)."""
+def build_objective_for(config: dict, st):
+    """The training objective of a config (a dict, as in config.json) on a store's vocabulary."""
     import ml_collections
 
-    from pgjax.train.checkpoint import load_state
     from pgjax.train.objectives import ProtocolInfo, build_objective
 
-    workdir = Path(workdir)
-    config = read_training_config(workdir)
-    st = open_training_store(config, workdir, store)
-    vocab = st.vocabulary()
-    objective = build_objective(
-        ml_collections.ConfigDict(config), ProtocolInfo.from_vocabulary(vocab), mesh=None
-    )
-    try:
-        state, step = load_state(workdir, step)
-    except FileNotFoundError as e:
-        raise ExportError(str(e)) from e
-    variables = {"params": state["params"], **state.get("model_state", {})}
-    exported = {
+    info = ProtocolInfo.from_vocabulary(st.vocabulary())
+    return build_objective(ml_collections.ConfigDict(config), info, mesh=None)
+
+
+def exported_variables(variables: dict) -> dict:
+    """The exported parts' slices of {"params": ..., "batch_stats": ...}."""
+    out = {
         col: {p: tree[p] for p in EXPORTED_PARTS if p in tree} for col, tree in variables.items()
     }
-    exported = {col: tree for col, tree in exported.items() if tree}
+    return {col: tree for col, tree in out.items() if tree}
+
+
+def describe_export(config: dict, objective, st, variables: dict, step: int) -> dict:
+    """The export's config.json: architecture, input, preprocessing, vocabulary, provenance."""
     group = config.get("input", {}).get("group", "images")
     pre = st.manifest["config"]
     shape = pre["image_size"] if group == "images" else pre["volume_shape"]
-    export_config = {
+    return {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         "written_by": f"pgjax {__version__}",
@@ -84,7 +80,7 @@ def load_workdir(workdir: str | Path, step: int | None = None, store: str | Path
             "trained_dtype": config.get("model", {}).get("dtype", "float32"),
             "exported_dtype": "float32",
         },
-        "architecture": describe(objective.parts, exported["params"]),
+        "architecture": describe(objective.parts, variables["params"]),
         "input": {
             "group": group,
             "shape": list(shape),
@@ -95,9 +91,25 @@ def load_workdir(workdir: str | Path, step: int | None = None, store: str | Path
         "schema_version": st.manifest.get("schema_version"),
         "schema_sha256": st.manifest.get("schema_sha256"),
         "vocab_sha256": st.manifest.get("vocab_sha256"),
-        "vocab": vocab.to_json(),
+        "vocab": st.vocabulary().to_json(),
     }
-    return export_config, exported
+
+
+def load_workdir(workdir: str | Path, step: int | None = None, store: str | Path | None = None):
+    """(export config dict, Flax variables {"params": {part: ...}, "batch_stats": ...}) of a
+    workdir's checkpoint (the latest unless `step`)."""
+    from pgjax.train.checkpoint import load_state
+
+    workdir = Path(workdir)
+    config = read_training_config(workdir)
+    st = open_training_store(config, workdir, store)
+    objective = build_objective_for(config, st)
+    try:
+        state, step = load_state(workdir, step)
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from e
+    variables = exported_variables({"params": state["params"], **state.get("model_state", {})})
+    return describe_export(config, objective, st, variables, step), variables
 
 
 def read_export_config(out: str | Path) -> dict:
