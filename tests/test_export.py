@@ -281,10 +281,12 @@ def test_torch_infer_on_real_dicom_matches_jax(exports, tmp_path):
     pairs = {
         "image_embedding": jax_model.embed_images(items.pixels),
         "image_projection": jax_model.project_images(items.pixels),
-        "protocol_embedding": jax_model.embed_protocol(items.tokens, items.values,
-                                                       items.value_mask),  # fmt: skip
-        "protocol_projection": jax_model.project_protocol(items.tokens, items.values,
-                                                          items.value_mask),  # fmt: skip
+        "protocol_embedding": jax_model.embed_protocol(
+            items.tokens, items.values, items.value_mask
+        ),  # fmt: skip
+        "protocol_projection": jax_model.project_protocol(
+            items.tokens, items.values, items.value_mask
+        ),  # fmt: skip
     }
     for key, ref in pairs.items():
         np.testing.assert_allclose(got[key], ref, atol=TOL, rtol=0, err_msg=key)
@@ -476,3 +478,26 @@ def test_timm_layout_loads_into_timm(exports):
         got = model(torch.from_numpy(images)[:, None]).numpy()
     ours = load_modeling(out).from_pretrained(out).embed_images(images)
     np.testing.assert_allclose(got, ours, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+
+
+@pytest.mark.slow
+def test_export_bench_writes_a_record_and_the_report_reads_it(workdirs, tmp_path):
+    from pgjax.bench.export import run_bench
+    from pgjax.bench.report import write_report
+
+    results = tmp_path / "benchmarks" / "results"
+    path = run_bench(workdir=workdirs["vit2d"], batch=4, seconds=0.1, threads=(1,),
+                     out_dir=results)  # fmt: skip
+    record = json.loads(Path(path).read_text())
+    f = record["figures"]
+    assert record["benchmark"] == "export" and f["parity_max_abs"] <= TOL
+    assert f["bench_inputs_max_abs"] <= TOL
+    assert set(f["jax"]) == {"image", "protocol"} and f["torch"][0]["threads"] == 1
+    for part in ("image", "protocol"):
+        assert f["jax"][part]["items_per_s"] > 0 and f["torch"][0][part]["items_per_s"] > 0
+    report = write_report(results).read_text()
+    assert "PyTorch export" in report and "| vit_mu/8 | 32x32 | 4 | 1 | image |" in report
