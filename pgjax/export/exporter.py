@@ -64,16 +64,21 @@ def _save_safetensors(path: Path, state: dict) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder into place; an existing OUT must be an earlier export."""
+def _check_replaceable(dst: Path) -> None:
+    """An existing OUT may be replaced only if it is an earlier export."""
     if dst.exists():
-        cfg = dst / "config.json"
         try:
-            ok = json.loads(cfg.read_text()).get("format") == EXPORT_FORMAT
+            ok = json.loads((dst / "config.json").read_text()).get("format") == EXPORT_FORMAT
         except (OSError, json.JSONDecodeError):
             ok = False
         if not ok:
             raise ExportError(f"{dst} exists and is not a pgjax export; refusing to replace it")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder into place."""
+    _check_replaceable(dst)
+    if dst.exists():
         shutil.rmtree(dst)
     os.replace(src, dst)
 
@@ -90,6 +95,7 @@ def write_export(
     from pgjax.inference import JaxEncoder
 
     out = Path(out)
+    _check_replaceable(out)  # before any work
     config = dict(config)
     state = to_torch(variables, model_rules(config["architecture"]))
     timm = timm_arguments(config["architecture"], config["input"]["shape"])
@@ -132,6 +138,7 @@ def export(
     """Export a checkpoint to OUT; returns the parity report. Raises ExportError for bad input
     and ParityError when PyTorch and JAX disagree beyond `tolerance` (float32 max abs)."""
     workdir = Path(workdir)
+    _check_replaceable(Path(out))
     config, variables = load_workdir(workdir, step, store)
     store_root = open_training_store(read_training_config(workdir), workdir, store).root
     return write_export(config, variables, out, store_root, tolerance)
