@@ -233,7 +233,7 @@ def test_parity_failure_leaves_a_failed_folder_and_no_export(workdirs, tmp_path)
     assert not report["passed"]
 
 
-def test_export_errors_name_the_problem(workdirs, tmp_path):
+def test_export_errors_name_the_problem(workdirs, stores, tmp_path):
     from pgjax.export.exporter import export
     from pgjax.export.source import ExportError
 
@@ -241,6 +241,8 @@ def test_export_errors_name_the_problem(workdirs, tmp_path):
         export(tmp_path, tmp_path / "out")
     with pytest.raises(ExportError, match="pass --store"):
         export(workdirs["resnet"], tmp_path / "out", store=tmp_path / "nowhere")
+    with pytest.raises(ExportError, match="vocabulary has .* the checkpoint"):
+        export(workdirs["vit2d"], tmp_path / "out", store=stores["3d"])
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("user data")
     with pytest.raises(ExportError, match="not a pgjax export; refusing"):

@@ -106,6 +106,7 @@ def run_bench(*, workdir=None, config=None, overrides=(), store=None, batch: int
     embedded = jax_model.embed_images(images)
     figures = {
         "parity_max_abs": report["max_abs"],
+        "parity_max_rel": max(o["max_rel"] for o in report["outputs"].values()),
         "bench_inputs_max_abs": max(
             float(np.abs(embedded - np.asarray(run.pop("image_embedding"))).max())
             for run in torch_runs

@@ -16,7 +16,7 @@ TRAIN_HEADER = (
 
 EXPORT_HEADER = (
     "| time (UTC) | machine | model | input | batch | torch threads | part "
-    "| JAX items/s | PyTorch items/s | PyTorch / JAX | parity max abs |"
+    "| JAX items/s | PyTorch items/s | PyTorch / JAX | parity max abs | load avg |"
 )
 
 
@@ -66,7 +66,7 @@ def _export_rows(r: dict) -> list[str]:
                 f"| {r['time_utc']} | {_machine(r)} | {s['image_encoder']} | {shape} | "
                 f"{s['batch']} | {run['threads']} | {part} | {jax_rate['items_per_s']:.1f} | "
                 f"{run[part]['items_per_s']:.1f} | {run[part]['torch_to_jax']:.2f} | "
-                f"{f['parity_max_abs']:.1e} |"
+                f"{f['parity_max_abs']:.1e} | {max(s['load_average_1min']):.1f} |"
             )
     return rows
 

@@ -109,7 +109,40 @@ def load_workdir(workdir: str | Path, step: int | None = None, store: str | Path
     except FileNotFoundError as e:
         raise ExportError(str(e)) from e
     variables = exported_variables({"params": state["params"], **state.get("model_state", {})})
-    return describe_export(config, objective, st, variables, step), variables
+    export_config = describe_export(config, objective, st, variables, step)
+    check_against_checkpoint(export_config, variables["params"], st.root)
+    return export_config, variables
+
+
+def check_against_checkpoint(export_config: dict, params: dict, store_root) -> None:
+    """The store's vocabulary and image shape must be the ones the checkpoint was trained on
+    (a wrong --store would otherwise fail later, inside torch, with a shape error)."""
+    import math
+
+    import numpy as np
+
+    arch = export_config["architecture"]
+    proto = arch.get("protocol_encoder")
+    if proto:
+        trained = tuple(np.shape(params["protocol_encoder"]["token_embed"]["embedding"]))[0]
+        fields = tuple(np.shape(params["protocol_encoder"]["field_embed"]))[0]
+        if (trained, fields) != (proto["vocab_size"], proto["num_fields"]):
+            raise ExportError(
+                f"{store_root}: its vocabulary has {proto['vocab_size']} tokens and "
+                f"{proto['num_fields']} fields, the checkpoint {trained} and {fields}; pass "
+                "the store the model was trained on (--store)"
+            )
+    image = arch["image_encoder"]
+    if image["kind"] == "vit":
+        shape = export_config["input"]["shape"]
+        patches = math.prod(s // p for s, p in zip(shape, image["patch_size"], strict=True))
+        trained = tuple(np.shape(params["image_encoder"]["pos_embed"]))[1]
+        expected = patches + (image.get("pool", "cls") == "cls")
+        if trained != expected:
+            raise ExportError(
+                f"{store_root}: its items {shape} give {expected} ViT positions, the "
+                f"checkpoint has {trained}; pass the store the model was trained on (--store)"
+            )
 
 
 def read_export_config(out: str | Path) -> dict:
