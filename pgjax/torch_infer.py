@@ -35,7 +35,13 @@ def parse_args(argv):
     p.add_argument("--model", required=True, help="an export folder written by `pgjax export`")
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--batch", type=int, default=32, help="items per forward pass")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's choice; "
+        "1 is faster when other jobs hold the cores)",
+    )
+    p.add_argument("--chunk-files", type=int, default=256, help="2D models: files read at once")
     return p.parse_args(argv)
 
 
@@ -60,7 +66,9 @@ def embed(model, items, batch: int) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def run(inputs, model_dir, out, batch: int = 32) -> dict:
+def run(inputs, model_dir, out, batch: int = 32, chunk_files: int = 256) -> dict:
+    """Embed every item of the inputs into `out`. 2D models read `chunk_files` files at a time
+    (memory stays bounded); 3D models read all files first, to group them into series."""
     from pgjax.data.config import PreprocessConfig
     from pgjax.data.dicom_items import encode_files, expand_inputs
     from pgjax.data.tokenizer import Vocabulary
@@ -71,18 +79,29 @@ def run(inputs, model_dir, out, batch: int = 32) -> dict:
     model = load_modeling(model_dir).from_pretrained(model_dir)
     cfg = PreprocessConfig.from_json(config["preprocess"])
     vocab = Vocabulary.from_json(config["vocab"], source=f"{model_dir}/config.json")
-    items = encode_files(expand_inputs(inputs), cfg, vocab, config["input"]["group"])
-    results = embed(model, items, batch) if len(items.pixels) else {}
-    results["path"] = np.array([p for p, _ in items.sources], dtype=str)
-    results["frame"] = np.array([f for _, f in items.sources], dtype=np.int64)
-    results["skipped_path"] = np.array([p for p, _ in items.skipped], dtype=str)
-    results["skipped_reason"] = np.array([r for _, r in items.skipped], dtype=str)
+    group = config["input"]["group"]
+    paths = expand_inputs(inputs)
+    step = max(1, chunk_files) if group == "images" else max(1, len(paths))
+    parts, sources, skipped = [], [], []
+    for start in range(0, len(paths), step):
+        items = encode_files(paths[start : start + step], cfg, vocab, group)
+        if len(items.pixels):
+            parts.append(embed(model, items, batch))
+        sources += items.sources
+        skipped += items.skipped
+        print(f"torch_infer: {min(start + step, len(paths))}/{len(paths)} files, "
+              f"{len(sources)} items, {len(skipped)} skipped", file=sys.stderr)  # fmt: skip
+    results = {k: np.concatenate([p[k] for p in parts]) for k in (parts[0] if parts else {})}
+    results["path"] = np.array([p for p, _ in sources], dtype=str)
+    results["frame"] = np.array([f for _, f in sources], dtype=np.int64)
+    results["skipped_path"] = np.array([p for p, _ in skipped], dtype=str)
+    results["skipped_reason"] = np.array([r for _, r in skipped], dtype=str)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
     np.savez(tmp, **results)
     tmp.replace(out)
-    return {"rows": len(items.sources), "skipped": items.skipped}
+    return {"rows": len(sources), "skipped": skipped}
 
 
 def main(argv=None) -> int:
@@ -96,7 +115,7 @@ def main(argv=None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        summary = run(args.inputs, args.model, args.out, args.batch)
+        summary = run(args.inputs, args.model, args.out, args.batch, args.chunk_files)
     except (FileNotFoundError, ValueError) as e:
         print(f"torch_infer: {e}", file=sys.stderr)
         return 2
