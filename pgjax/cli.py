@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": "pgjax.commands.bench",
     "demo": "pgjax.commands.demo",
     "train": "pgjax.commands.train",
+    "export": "pgjax.commands.export",
 }
 
 _HELP = {
@@ -31,6 +32,7 @@ _HELP = {
     "bench": "benchmarks; results go to benchmarks/results/",
     "demo": "the pipeline end to end on a small synthetic corpus",
     "train": "pretrain from a config file (resumes from the last checkpoint)",
+    "export": "a checkpoint to a PyTorch model folder, with a parity check",
 }
 
 

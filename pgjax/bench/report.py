@@ -14,6 +14,11 @@ TRAIN_HEADER = (
     "| GFLOP/step | MFU | host overhead |"
 )
 
+EXPORT_HEADER = (
+    "| time (UTC) | machine | model | input | batch | torch threads | part "
+    "| JAX items/s | PyTorch items/s | PyTorch / JAX | parity max abs | load avg |"
+)
+
 
 def _rule(header: str) -> str:
     return "|" + "---|" * (header.count("|") - 1)
@@ -52,6 +57,20 @@ def _train_rows(r: dict) -> list[str]:
     return rows
 
 
+def _export_rows(r: dict) -> list[str]:
+    rows, s, f = [], r["settings"], r["figures"]
+    shape = "x".join(map(str, s["input_shape"]))
+    for run in f["torch"]:
+        for part, jax_rate in f["jax"].items():
+            rows.append(
+                f"| {r['time_utc']} | {_machine(r)} | {s['image_encoder']} | {shape} | "
+                f"{s['batch']} | {run['threads']} | {part} | {jax_rate['items_per_s']:.1f} | "
+                f"{run[part]['items_per_s']:.1f} | {run[part]['torch_to_jax']:.2f} | "
+                f"{f['parity_max_abs']:.1e} | {max(s['load_average_1min']):.1f} |"
+            )
+    return rows
+
+
 def write_report(results_dir: str | Path = "benchmarks/results") -> Path:
     results_dir = Path(results_dir)
     records = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
@@ -66,6 +85,10 @@ def write_report(results_dir: str | Path = "benchmarks/results") -> Path:
     if train:
         lines += ["## Training step (`pgjax bench train`)", "", TRAIN_HEADER, _rule(TRAIN_HEADER)]
         lines += [*train, ""]
+    export = [row for r in records if r["benchmark"] == "export" for row in _export_rows(r)]
+    if export:
+        lines += ["## PyTorch export, CPU inference (`pgjax bench export`)", "", EXPORT_HEADER,
+                  _rule(EXPORT_HEADER), *export, ""]  # fmt: skip
     out = results_dir.parent / "README.md"
     out.write_text("\n".join(lines) + "\n")
     _plot(records, results_dir.parent / "train_scaling.png")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-HELP = "benchmarks (preprocess, train, report); records go to benchmarks/results/"
+HELP = "benchmarks (preprocess, train, export, report); records go to benchmarks/results/"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,12 +21,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--batches", default="", help="global batch sizes to sweep, e.g. 8,16,32")
     tr.add_argument("--devices", default="", help="device counts to sweep, e.g. 1,2,4,8")
     tr.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
+    ex = sub.add_parser("export", help="PyTorch CPU inference items/s beside the JAX model's")
+    src = ex.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a training workdir (its latest checkpoint)")
+    src.add_argument(
+        "--config", help="configs/NAME.py[:VARIANT] at initial weights (needs --store)"
+    )
+    ex.add_argument("--store", help="the store (default for --workdir: its config's)")
+    ex.add_argument("--batch", type=int, default=16, help="items per call")
+    ex.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
+    ex.add_argument("--threads", default="0,1", help="torch thread counts, 0: torch's default")
+    ex.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
     rep = sub.add_parser("report", help="all records as benchmarks/README.md")
     rep.add_argument("--results", default="benchmarks/results")
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """`pgjax bench train` takes --config.KEY=VALUE overrides like `pgjax train`."""
+    """`pgjax bench train` and `bench export --config` take --config.KEY=VALUE overrides like
+    `pgjax train`."""
     overrides = [a[len("--config.") :] for a in argv if a.startswith("--config.")]
     return [a for a in argv if not a.startswith("--config.")], overrides
 
@@ -49,6 +62,18 @@ def run(args) -> int:
         path = run_train_bench(
             args.config, args.extra, steps=args.steps, batches=_ints(args.batches),
             device_counts=_ints(args.devices), out_dir=args.out,
+        )  # fmt: skip
+        print(f"record: {path}")
+    elif args.bench == "export":
+        from pgjax.bench.export import run_bench as run_export_bench
+
+        if args.config and not args.store:
+            print("pgjax bench export: --config needs --store", file=sys.stderr)
+            return 2
+        path = run_export_bench(
+            workdir=args.workdir, config=args.config, overrides=args.extra, store=args.store,
+            batch=args.batch, seconds=args.seconds, threads=tuple(_ints(args.threads)),
+            out_dir=args.out,
         )  # fmt: skip
         print(f"record: {path}")
     elif args.bench == "report":
