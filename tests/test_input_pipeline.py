@@ -14,16 +14,18 @@ from pgjax.train.input_pipeline import ARRAYS, BatchSource, InputConfig, aligned
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return write_reference_store(tmp_path_factory.mktemp("ref") / "store", 96, 16,
-                                 compression="zstd", images_per_shard=32)  # fmt: skip
+    return write_reference_store(
+        tmp_path_factory.mktemp("ref") / "store", 96, 16, compression="zstd", images_per_shard=32
+    )
 
 
 def direct(store, rows):
     """Each array's rows, read one by one with plain TensorStore (the meaning of a batch)."""
     out = {}
     for name in ARRAYS:
-        arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
-                                                      "path": f"{store}/images/{name}"}}).result()  # fmt: skip
+        arr = ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{store}/images/{name}"}}
+        ).result()
         out[name] = np.stack([arr[int(r)].read().result() for r in rows])
     return out
 

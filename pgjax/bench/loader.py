@@ -32,7 +32,6 @@ import numpy as np
 from pgjax.bench.record import RESULTS_DIR, write_record
 from pgjax.data import store as st
 
-
 # ---------------------------------------------------------------------------------------------
 # A reference store: the issue's 256x256 uint8 case, written directly (no DICOM involved).
 
@@ -65,8 +64,13 @@ def write_reference_store(
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     disc = ((yy - 0.5) ** 2 + (xx - 0.5) ** 2) < 0.4**2
     tissue = 110 + 50 * np.sin(xx * 11) * np.cos(yy * 7)
-    pixels = st.create_array(group / "pixels", [images, size, size], "uint8",
-                             rows_per_shard=images_per_shard, compression=compression)  # fmt: skip
+    pixels = st.create_array(
+        group / "pixels",
+        [images, size, size],
+        "uint8",
+        rows_per_shard=images_per_shard,
+        compression=compression,
+    )
     for start in range(0, images, images_per_shard):
         n = min(images_per_shard, images - start)
         noise = rng.normal(0, 8, size=(n, size, size)).astype(np.float32)
@@ -80,8 +84,13 @@ def write_reference_store(
     }
     arrays = {"images/pixels": {"shape": [images, size, size], "dtype": "uint8"}}
     for name, dtype in st.TOKEN_ARRAYS.items():
-        arr = st.create_array(group / name, [images, len(fields)], dtype,
-                              rows_per_shard=st.TOKEN_ROWS_PER_CHUNK, compression=compression)  # fmt: skip
+        arr = st.create_array(
+            group / name,
+            [images, len(fields)],
+            dtype,
+            rows_per_shard=st.TOKEN_ROWS_PER_CHUNK,
+            compression=compression,
+        )
         arr.write(token_data[name]).result()
         arrays[f"images/{name}"] = {"shape": [images, len(fields)], "dtype": dtype}
     st.write_csv_atomic(
@@ -89,12 +98,20 @@ def write_reference_store(
         {"row": list(range(images)), "ok": [1] * images, "split": ["train"] * images},
     )
     cfg = PreprocessConfig(image_size=(size, size), images_per_shard=images_per_shard)
-    st.write_json_atomic(root / "manifest.json", {
-        "format": st.STORE_FORMAT, "version": st.STORE_VERSION, "state": "complete",
-        "written_by": "pgjax bench loader (reference store: synthetic pixels, no DICOM)",
-        "config": cfg.to_json(), "compression": compression, "fields": fields,
-        "arrays": arrays, "counts": {"images": images, "volumes": 0, "images_ok": images},
-    })  # fmt: skip
+    st.write_json_atomic(
+        root / "manifest.json",
+        {
+            "format": st.STORE_FORMAT,
+            "version": st.STORE_VERSION,
+            "state": "complete",
+            "written_by": "pgjax bench loader (reference store: synthetic pixels, no DICOM)",
+            "config": cfg.to_json(),
+            "compression": compression,
+            "fields": fields,
+            "arrays": arrays,
+            "counts": {"images": images, "volumes": 0, "images_ok": images},
+        },
+    )
     return root
 
 
@@ -113,8 +130,9 @@ def _rate(fn, steps: int, batch: int, warmup: int = 2, first: int = 0) -> float:
 
 def flat_copy(pixels, path: Path, block: int = 256) -> np.ndarray:
     """The pixel array as one uncompressed .npy, memory-mapped (read-only)."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=pixels.dtype.numpy_dtype,
-                                    shape=tuple(pixels.shape))  # fmt: skip
+    out = np.lib.format.open_memmap(
+        path, mode="w+", dtype=pixels.dtype.numpy_dtype, shape=tuple(pixels.shape)
+    )
     for start in range(0, pixels.shape[0], block):
         out[start : start + block] = pixels[start : start + block].read().result()
     out.flush()
@@ -128,8 +146,11 @@ def measure_limits(source, mm: np.ndarray, steps: int, first: int) -> dict:
 
     # The pipeline's TensorStore settings (same cache pool), one read of the shuffled batch.
     context = ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20}})
-    spec = {"driver": "zarr3", "recheck_cached_data": "open",
-            "kvstore": {"driver": "file", "path": f"{source.cfg.store}/{source.cfg.group}/pixels"}}  # fmt: skip
+    spec = {
+        "driver": "zarr3",
+        "recheck_cached_data": "open",
+        "kvstore": {"driver": "file", "path": f"{source.cfg.store}/{source.cfg.group}/pixels"},
+    }
     pixels = ts.open(spec, read=True, context=context).result()
     b = source.cfg.global_batch
     return {
@@ -229,14 +250,20 @@ def needed_rate(config_path: str, results_dir: str | Path) -> dict | None:
             runs = r["figures"]["runs"]
             most = max(run["devices"] for run in runs)
             run = max((x for x in runs if x["devices"] == most), key=lambda x: x["images_per_s"])
-            return {"record": name, "match": match, "config": r["settings"]["config"],
-                    "device_kind": r["settings"].get("device_kind"), "devices": most,
-                    "global_batch": run["global_batch"], "images_per_s": run["images_per_s"]}  # fmt: skip
+            return {
+                "record": name,
+                "match": match,
+                "config": r["settings"]["config"],
+                "device_kind": r["settings"].get("device_kind"),
+                "devices": most,
+                "global_batch": run["global_batch"],
+                "images_per_s": run["images_per_s"],
+            }
     return None
 
 
 def worker_counts(text: str) -> list[int]:
-    """"0,1,2,all" -> [0, 1, 2, cores], without repeats."""
+    """ "0,1,2,all" -> [0, 1, 2, cores], without repeats."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     out = []
     for w in text.split(","):
@@ -271,8 +298,9 @@ def run_bench(
     workdir = Path(tempfile.mkdtemp(prefix="pgjax-bench-loader-"))
     try:
         if store is None:
-            store = write_reference_store(workdir / "store", reference_images, reference_size,
-                                          compression=compression)  # fmt: skip
+            store = write_reference_store(
+                workdir / "store", reference_images, reference_size, compression=compression
+            )
             store_kind = "reference (synthetic, written by the bench)"
         else:
             store_kind = "given"
@@ -283,13 +311,17 @@ def run_bench(
         source = BatchSource(base)
         source._open()
         load = [os.getloadavg()]
-        print(f"store {store}: {len(source.rows)} rows, "
-              f"{manifest['arrays'][f'{base.group}/pixels']}, batch {base.global_batch}")  # fmt: skip
+        print(
+            f"store {store}: {len(source.rows)} rows, "
+            f"{manifest['arrays'][f'{base.group}/pixels']}, batch {base.global_batch}"
+        )
         mm = flat_copy(source._arrays["pixels"], workdir / "pixels.npy")
         steps = min(steps, max(1, source.steps_per_epoch - 3))
         before = measure_limits(source, mm, steps, first=0)
-        print(f"limits: memmap {before['memmap']:.0f} images/s, "
-              f"TensorStore batched read {before['tensorstore']:.0f} images/s")  # fmt: skip
+        print(
+            f"limits: memmap {before['memmap']:.0f} images/s, "
+            f"TensorStore batched read {before['tensorstore']:.0f} images/s"
+        )
         mesh = mesh_lib.make_mesh(-1, 1)
         sharding = mesh_lib.batch_sharding(mesh)
         fn, aug_cfg = augment_fn(config)
@@ -306,9 +338,11 @@ def run_bench(
                 "augmented_images_per_s": augmented["images_per_s"],
                 "first_batch_s": delivered["first_batch_s"],
             }
-            print(f"workers={w}: pipeline {delivered['images_per_s']:.0f} images/s delivered, "
-                  f"{augmented['images_per_s']:.0f} with augmentation; first batch after "
-                  f"{delivered['first_batch_s']:.1f} s")  # fmt: skip
+            print(
+                f"workers={w}: pipeline {delivered['images_per_s']:.0f} images/s delivered, "
+                f"{augmented['images_per_s']:.0f} with augmentation; first batch after "
+                f"{delivered['first_batch_s']:.1f} s"
+            )
         after = measure_limits(source, mm, steps, first=steps + 2)
         load.append(os.getloadavg())
         limits = {k: (before[k] + after[k]) / 2 for k in before}
@@ -346,8 +380,10 @@ def run_bench(
             "platform": jax.devices()[0].platform,
         }
         if needed:
-            print(f"needed: {needed['images_per_s']:.0f} images/s ({needed['config']} on "
-                  f"{needed['devices']} {needed['device_kind']}, {needed['record']})")  # fmt: skip
+            print(
+                f"needed: {needed['images_per_s']:.0f} images/s ({needed['config']} on "
+                f"{needed['devices']} {needed['device_kind']}, {needed['record']})"
+            )
         return write_record("loader", figures, settings, out_dir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
