@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--batch", type=int, help="global batch (default: the config's)")
     lo.add_argument("--workers", default="0,1,2,all", help="Grain worker counts to measure")
     lo.add_argument("--steps", type=int, default=20, help="timed batches per measurement")
+    lo.add_argument("--rounds", type=int, default=3, help="rounds of limits + pipeline")
     lo.add_argument("--images", type=int, default=8192, help="reference store: images")
     lo.add_argument("--size", type=int, default=256, help="reference store: image side")
     lo.add_argument("--compression", choices=["none", "zstd"], default="none",
@@ -69,7 +70,8 @@ def run(args) -> int:
 
         path = run_loader_bench(
             args.store, config_path=args.config, overrides=args.extra, batch=args.batch,
-            workers=worker_counts(args.workers), steps=args.steps, reference_images=args.images,
+            workers=worker_counts(args.workers), steps=args.steps, rounds=args.rounds,
+            reference_images=args.images,
             reference_size=args.size, compression=args.compression, out_dir=args.out,
         )  # fmt: skip
         print(f"record: {path}")
