@@ -15,7 +15,10 @@ Measured in one run on the same images (the store's training rows):
                images/s of the newest `pgjax bench train` record for the config
 
 All rates count images of the global batch. The page cache is warm for all (each measurement
-first reads a few batches untimed).
+first reads a few batches untimed). Limits and pipeline are measured in alternating rounds and
+each pipeline rate is divided by the TensorStore rate of its own round: on a shared machine the
+load changes over minutes. The augmented runs show whether the device keeps up with its own
+augmentation; on a CPU host the "device" is the same few cores the loader uses.
 """
 
 from __future__ import annotations
