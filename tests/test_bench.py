@@ -36,15 +36,73 @@ def test_train_bench_on_a_store(tmp_path):
     from pgjax.data.preprocess import preprocess
 
     for n in range(24):
-        copy_with_identity(get_testdata_file("CT_small.dcm"), tmp_path / "d" / "s" / f"{n}.dcm",
-                           patient=n, tag=f"b{n}", Manufacturer=["A", "B"][n % 2])  # fmt: skip
+        copy_with_identity(
+            get_testdata_file("CT_small.dcm"),
+            tmp_path / "d" / "s" / f"{n}.dcm",
+            patient=n,
+            tag=f"b{n}",
+            Manufacturer=["A", "B"][n % 2],
+        )
     cfg = PreprocessConfig(image_size=(32, 32), min_patients=2, split_fractions=(1.0, 0.0, 0.0))
     preprocess([tmp_path / "d"], tmp_path / "store", cfg=cfg, workers=1)
     repo = Path(__file__).resolve().parents[1]
     path = bench_train(
-        f"{repo}/configs/pg.py:tiny", [f"input.store={tmp_path / 'store'}"], steps=2,
-        batches=[16], device_counts=[8], out_dir=tmp_path / "results",
-    )  # fmt: skip
+        f"{repo}/configs/pg.py:tiny",
+        [f"input.store={tmp_path / 'store'}"],
+        steps=2,
+        batches=[16],
+        device_counts=[8],
+        out_dir=tmp_path / "results",
+    )
     run = json.loads(Path(path).read_text())["figures"]["runs"][0]
     assert run["devices"] == 8 and run["steps_per_s"] > 0 and run["flops_per_step"] > 0
     assert 0 <= run["host_overhead_share"] <= 1 and run["mfu"] is None  # no CPU peak
+
+
+def test_loader_bench_writes_a_record_and_the_report_reads_it(tmp_path):
+    from pgjax.bench.loader import run_bench as bench_loader
+    from pgjax.bench.loader import write_reference_store
+
+    store = write_reference_store(
+        tmp_path / "store", 48, 16, compression="zstd", images_per_shard=16
+    )
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    from pgjax.bench.record import write_record
+
+    run = {
+        "devices": 1,
+        "global_batch": 8,
+        "images_per_s": 50.0,
+        "steps_per_s": 6.25,
+        "flops_per_step": 1e9,
+        "mfu": None,
+    }
+    write_record(
+        "train", {"runs": [run]}, {"config": "configs/pg.py:tiny", "device_kind": "cpu"}, results
+    )
+    repo = Path(__file__).resolve().parents[1]
+    path = bench_loader(
+        str(store),
+        config_path=f"{repo}/configs/pg.py:tiny",
+        batch=8,
+        workers=[0, 1],
+        steps=2,
+        rounds=1,
+        out_dir=results,
+    )
+    record = json.loads(Path(path).read_text())
+    assert record["benchmark"] == "loader" and record["settings"]["image_shape"] == [16, 16]
+    f = record["figures"]
+    assert f["memmap_images_per_s"] > 0 and f["tensorstore_images_per_s"] > 0
+    assert f["augment_alone_images_per_s"] > 0
+    for w in (0, 1):
+        row = f[f"workers_{w}"]
+        assert row["delivered_images_per_s"] > 0 and row["augmented_images_per_s"] > 0
+        assert row["ratio_to_tensorstore"] == pytest.approx(
+            row["delivered_images_per_s"] / f["tensorstore_images_per_s"]
+        )
+    # No train record for configs/pg.py:tiny under this path's name: the same file's is used.
+    assert f["needed"]["images_per_s"] == 50.0 and f["needed"]["match"] != "same config"
+    report = write_report(results).read_text()
+    assert "Input pipeline" in report and record["time_utc"] in report

@@ -18,6 +18,11 @@ EXPORT_HEADER = (
     "| time (UTC) | machine | model | input | batch | torch threads | part "
     "| JAX items/s | PyTorch items/s | PyTorch / JAX | parity max abs | load avg |"
 )
+LOADER_HEADER = (
+    "| time (UTC) | machine | store | batch | memmap images/s | TensorStore batched images/s "
+    "| workers | pipeline images/s | pipeline / TensorStore | with augmentation | augmentation "
+    "alone | needed (train record) |"
+)
 
 
 def _rule(header: str) -> str:
@@ -71,12 +76,43 @@ def _export_rows(r: dict) -> list[str]:
     return rows
 
 
+def _loader_rows(r: dict) -> list[str]:
+    f, s = r["figures"], r["settings"]
+    store = (f"{s['rows']} x {'x'.join(map(str, s['image_shape']))} {s['dtype']}, "
+             f"{s['compression']}")  # fmt: skip
+    need = f.get("needed")
+    need = (
+        f"{need['images_per_s']:.0f} ({need['config']}, {need['device_kind']})" if need else "n/a"
+    )
+    rows = []
+    for key, w in sorted(f.items(), key=lambda kv: kv[0]):
+        if not key.startswith("workers_"):
+            continue
+        rows.append(
+            f"| {r['time_utc']} | {_machine(r)} | {store} | {s['global_batch']} | "
+            f"{f['memmap_images_per_s']:.0f} | {f['tensorstore_images_per_s']:.0f} | {key[8:]} | "
+            f"{w['delivered_images_per_s']:.0f} | {w['ratio_to_tensorstore']:.2f} | "
+            f"{w['augmented_images_per_s']:.0f} | {f['augment_alone_images_per_s']:.0f} | {need} |"
+        )
+    return rows
+
+
 def write_report(results_dir: str | Path = "benchmarks/results") -> Path:
     results_dir = Path(results_dir)
     records = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     lines = ["# Benchmark results", "",
              "Made by `pgjax bench report` from the JSON records in `results/`; each row names",
              "the machine it was measured on.", ""]  # fmt: skip
+    loader = [row for r in records if r["benchmark"] == "loader" for row in _loader_rows(r)]
+    if loader:
+        lines += ["## Input pipeline (`pgjax bench loader`)", "",
+                  "Images/s of the Grain + TensorStore pipeline delivering global arrays, against "
+                  "TensorStore's own batched read and a memory-mapped copy of the same pixels "
+                  "(medians over rounds measured alternately; target: pipeline / TensorStore "
+                  ">= 0.8). With augmentation: the training augmentation (jitted) on the "
+                  "device; on a CPU host it shares the cores.", "",
+                  LOADER_HEADER, _rule(LOADER_HEADER)]  # fmt: skip
+        lines += [*loader, ""]
     pre = [row for r in records if r["benchmark"] == "preprocess" for row in _preprocess_rows(r)]
     if pre:
         lines += ["## Preprocessing (`pgjax bench preprocess`)", "", PRE_HEADER, _rule(PRE_HEADER)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "benchmarks (preprocess, train, export, report); records go to benchmarks/results/"
+HELP = "benchmarks (loader, preprocess, train, export, report); records go to benchmarks/results/"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
     ex.add_argument("--threads", default="0,1", help="torch thread counts, 0: torch's default")
     ex.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
+    lo = sub.add_parser("loader", help="input pipeline images/s against TensorStore and memmap")
+    lo.add_argument("--store", help="a store (default: a 256x256 uint8 reference store)")
+    lo.add_argument("--config", default="configs/pg.py",
+                    help="config whose augmentation, batch and train record are used")  # fmt: skip
+    lo.add_argument("--batch", type=int, help="global batch (default: the config's)")
+    lo.add_argument("--workers", default="0,1,2,all", help="Grain worker counts to measure")
+    lo.add_argument("--steps", type=int, default=20, help="timed batches per measurement")
+    lo.add_argument("--rounds", type=int, default=3, help="rounds of limits + pipeline")
+    lo.add_argument("--images", type=int, default=8192, help="reference store: images")
+    lo.add_argument("--size", type=int, default=256, help="reference store: image side")
+    lo.add_argument("--compression", choices=["none", "zstd"], default="none",
+                    help="reference store: chunk compression")  # fmt: skip
+    lo.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
     rep = sub.add_parser("report", help="all records as benchmarks/README.md")
     rep.add_argument("--results", default="benchmarks/results")
 
@@ -74,6 +87,17 @@ def run(args) -> int:
             workdir=args.workdir, config=args.config, overrides=args.extra, store=args.store,
             batch=args.batch, seconds=args.seconds, threads=tuple(_ints(args.threads)),
             out_dir=args.out,
+        )  # fmt: skip
+        print(f"record: {path}")
+    elif args.bench == "loader":
+        from pgjax.bench.loader import run_bench as run_loader_bench
+        from pgjax.bench.loader import worker_counts
+
+        path = run_loader_bench(
+            args.store, config_path=args.config, overrides=args.extra, batch=args.batch,
+            workers=worker_counts(args.workers), steps=args.steps, rounds=args.rounds,
+            reference_images=args.images,
+            reference_size=args.size, compression=args.compression, out_dir=args.out,
         )  # fmt: skip
         print(f"record: {path}")
     elif args.bench == "report":

@@ -13,6 +13,12 @@ Series partners (`partners=True`, for cross-series protocol translation): each i
 the protocol of one other series of its own study (a random item of that series, drawn as a
 function of (seed, step)), as partner_tokens/partner_values/partner_value_mask, and
 has_partner = 0 where its study has a single series (its own protocol stands in, unused).
+
+Speed (`pgjax bench loader`): TensorStore writes each batch straight into a fresh 64-byte
+aligned buffer (no copy after the read, and on a CPU backend JAX then uses the buffer as is
+instead of copying it), and the small per-row token arrays are held in memory when they fit
+`token_cache_mb`: stored one row per chunk, reading them through TensorStore costs almost as
+much per row as a 64 KiB image.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ class InputConfig:
     global_batch: int = 64
     seed: int = 0
     workers: int = 0  # Grain worker processes (spawned); 0 reads in the training process
-    prefetch: int = 2  # batches buffered per worker
+    prefetch: int = 2  # batches read ahead (in flight or buffered) per worker
+    # Token arrays (tokens, values, value_mask) of the group held in memory per process when
+    # together they take at most this many MiB (31 fields: ~280 MiB per million rows).
+    token_cache_mb: int = 512
     partners: bool = False  # also read a partner series' protocol per item (see module doc)
 
 
@@ -119,6 +128,7 @@ class BatchSource:
                 f"fewer than one global batch of {cfg.global_batch}"
             )
         self._arrays = None  # opened lazily: each Grain worker opens its own handles
+        self._token_cache: dict[str, np.ndarray] = {}
 
     def _open(self):
         import tensorstore as ts
@@ -138,6 +148,13 @@ class BatchSource:
             ).result()
             for name in ARRAYS
         }
+        tokens = [self._arrays[name] for name in PROTOCOL_ARRAYS]
+        size = sum(a.dtype.numpy_dtype.itemsize * int(np.prod(a.shape)) for a in tokens)
+        if size <= self.cfg.token_cache_mb << 20:
+            # One read of each whole array (sequential, once per process) instead of one
+            # chunk per row per batch.
+            futures = {name: self._arrays[name].read() for name in PROTOCOL_ARRAYS}
+            self._token_cache = {name: f.result() for name, f in futures.items()}
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - one source per process, bounded cache
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -167,23 +184,42 @@ class BatchSource:
         return self._local(self.rows[partner]), self._local(has)
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+        import tensorstore as ts
+
         if self._arrays is None:
             self._open()
         step = int(step)
         rows = self.local_rows(step)
         # Issue all reads, then wait: TensorStore overlaps them.
-        futures = {name: arr[rows].read() for name, arr in self._arrays.items()}
+        reads = [(name, name, rows) for name in ARRAYS]  # (batch key, array, rows)
         if self.partners is not None:
             partner, has = self.partner_rows(step)
-            futures.update(
-                {f"partner_{n}": self._arrays[n][partner].read() for n in PROTOCOL_ARRAYS}
-            )
-        batch = {name: f.result() for name, f in futures.items()}
+            reads += [(f"partner_{name}", name, partner) for name in PROTOCOL_ARRAYS]
+        batch, futures = {}, []
+        for key, name, at in reads:
+            if name in self._token_cache:
+                batch[key] = self._token_cache[name][at]
+                continue
+            arr = self._arrays[name]
+            batch[key] = aligned_empty((len(at), *arr.shape[1:]), arr.dtype.numpy_dtype)
+            target = ts.array(batch[key], copy=False, write=True)
+            futures.append(target.write(arr[at]))
+        for f in futures:
+            f.result()
         if self.partners is not None:
             batch["has_partner"] = has.astype(np.uint8)
         batch["row"] = rows
         batch["step"] = np.int64(step)
         return batch
+
+
+def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an `alignment`-byte boundary (NumPy only
+    promises 16; XLA's CPU client aliases host buffers aligned to 64 instead of copying)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    offset = -raw.ctypes.data % alignment
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def make_iterator(cfg: InputConfig, start_step: int, process_index=0, process_count=1):
@@ -192,7 +228,10 @@ def make_iterator(cfg: InputConfig, start_step: int, process_index=0, process_co
 
     source = BatchSource(cfg, process_index, process_count)
     ds = grain.MapDataset.range(start_step, np.iinfo(np.int32).max).map(source.__getitem__)
-    it_ds = ds.to_iter_dataset()
+    # Grain's default read-ahead is 500 records on 16 threads: 500 batches of 256 images of
+    # 256x256 would be 8 GiB per process. A few batches in flight keep TensorStore busy.
+    read = grain.ReadOptions(num_threads=cfg.prefetch, prefetch_buffer_size=cfg.prefetch)
+    it_ds = ds.to_iter_dataset(read)
     if cfg.workers > 0:
         _absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(

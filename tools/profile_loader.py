@@ -1,0 +1,66 @@
+"""Profile the training input pipeline (0 workers: everything in this process) with cProfile.
+
+    python tools/profile_loader.py STORE [--batch 256] [--steps 30] [--top 15]
+
+Times, alternately, TensorStore's batched read of the same batches and the pipeline (Grain +
+TensorStore -> global arrays), then prints where the pipeline's main thread spends its time.
+With 0 workers Grain reads on its own threads, so time the main thread spends waiting for a
+batch (`acquire` of a lock) is time the read itself takes. This is how the README's loader
+profile was taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import jax
+import numpy as np
+
+from pgjax.train import mesh as mesh_lib
+from pgjax.train.input_pipeline import BatchSource, InputConfig, make_iterator, to_global
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("store")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--top", type=int, default=15)
+    args = p.parse_args()
+    cfg = InputConfig(store=args.store, global_batch=args.batch)
+    sharding = mesh_lib.batch_sharding(mesh_lib.make_mesh(-1, 1))
+    source = BatchSource(cfg)
+    source._open()
+    pixels = source._arrays["pixels"]
+    it, _ = make_iterator(cfg, 0)
+    runs = {
+        "TensorStore batched read": lambda s: pixels[source.global_rows(s)].read().result(),
+        "pipeline (global arrays)": lambda s: jax.block_until_ready(to_global(next(it), sharding)),
+    }
+    rates = {k: [] for k in runs}
+    step = 0
+    for _ in range(3):
+        for name, fn in runs.items():
+            fn(step)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step += 1
+                fn(step)
+            rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
+    for name, r in rates.items():
+        print(f"{name}: median {np.median(r):.0f} images/s over rounds {[round(x) for x in r]}")
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(args.steps):
+        jax.block_until_ready(to_global(next(it), sharding))
+    profile.disable()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+    if hasattr(it, "close"):
+        it.close()
+
+
+if __name__ == "__main__":
+    main()
