@@ -98,7 +98,15 @@ def write_reference_store(
         arrays[f"images/{name}"] = {"shape": [images, len(fields)], "dtype": dtype}
     st.write_csv_atomic(
         group / "table.csv",
-        {"row": list(range(images)), "ok": [1] * images, "split": ["train"] * images},
+        {
+            "row": list(range(images)),
+            "ok": [1] * images,
+            "split": ["train"] * images,
+            # Studies of two series of four images, so cross-series partners are read as in
+            # training on CT/MR studies.
+            "study_key": [f"{i // 8:016x}" for i in range(images)],
+            "series_key": [f"{i // 4:016x}" for i in range(images)],
+        },
     )
     cfg = PreprocessConfig(image_size=(size, size), images_per_shard=images_per_shard)
     st.write_json_atomic(
