@@ -20,6 +20,9 @@ COMMANDS = {
     "bench": "pgjax.commands.bench",
     "demo": "pgjax.commands.demo",
     "train": "pgjax.commands.train",
+    "eval": "pgjax.commands.eval",
+    "sweep": "pgjax.commands.sweep",
+    "card": "pgjax.commands.card",
 }
 
 _HELP = {
@@ -29,6 +32,9 @@ _HELP = {
     "bench": "benchmarks; results go to benchmarks/results/",
     "demo": "the pipeline end to end on a small synthetic corpus",
     "train": "pretrain from a config file (resumes from the last checkpoint)",
+    "eval": "evaluate encoders on a downstream task (probe, fine-tune, calibration, DeLong)",
+    "sweep": "pretrain and evaluate a list of configs; one comparison table",
+    "card": "write a model card (data, objectives, results, calibration, audits)",
 }
 
 
