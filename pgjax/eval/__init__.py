@@ -1,0 +1,1 @@
+"""Downstream evaluation: metrics with intervals, and the commands built on them."""
