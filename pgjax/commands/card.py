@@ -17,8 +17,14 @@ HELP = "write a model card: data, objectives, external validation, calibration, 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", required=True, help="pretraining workdir")
-    p.add_argument("--eval", dest="evals", action="append", default=[], metavar="EVAL_DIR",
-                   help="evaluation folder(s) (default: every DIR/eval/*/ with a metrics.json)")
+    p.add_argument(
+        "--eval",
+        dest="evals",
+        action="append",
+        default=[],
+        metavar="EVAL_DIR",
+        help="evaluation folder(s) (default: every DIR/eval/*/ with a metrics.json)",
+    )
     p.add_argument("--name", help="the model's name in the evaluation (default: DIR's name)")
     p.add_argument("--audit", help="a `pgjax audit --json` report to embed")
     p.add_argument("--sources", nargs="+", help="run the audit now against these DICOM files")

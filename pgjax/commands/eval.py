@@ -15,21 +15,40 @@ HELP = "evaluate pretrained encoders on a downstream task (probe, fine-tune, cal
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", required=True, help="pretraining workdir (config.json, checkpoints)")
+    p.add_argument(
+        "--workdir", required=True, help="pretraining workdir (config.json, checkpoints)"
+    )
     p.add_argument("--task", required=True, help="task name in the tasks config")
     p.add_argument("--tasks", default=None, help="tasks config file (default configs/tasks.py)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a tasks-config key, e.g. tasks.cardiomegaly.seeds=0,1")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a tasks-config key, e.g. tasks.cardiomegaly.seeds=0,1",
+    )
     p.add_argument("--store", help="store to evaluate on (default: the one the model trained on)")
-    p.add_argument("--labels", help="labels.csv (study_uid,task,label); joined by salted study "
-                   "key. Default: the store's own label columns")
+    p.add_argument(
+        "--labels",
+        help="labels.csv (study_uid,task,label); joined by salted study "
+        "key. Default: the store's own label columns",
+    )
     p.add_argument("--salt-file", help="the store's salt (default STORE.private/salt)")
     p.add_argument("--name", help="name of DIR's model in the tables (default: DIR's name)")
-    p.add_argument("--with", dest="others", action="append", default=[], metavar="NAME=DIR",
-                   help="another pretrained workdir to evaluate identically (repeatable)")
+    p.add_argument(
+        "--with",
+        dest="others",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another pretrained workdir to evaluate identically (repeatable)",
+    )
     p.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
-    p.add_argument("--heads", help="comma list of linear, linear+protocol, finetune "
-                   "(default: linear, plus linear+protocol if probe.conditioned)")
+    p.add_argument(
+        "--heads",
+        help="comma list of linear, linear+protocol, finetune "
+        "(default: linear, plus linear+protocol if probe.conditioned)",
+    )
     p.add_argument("--fractions", help="comma list of label fractions (overrides the task's)")
     p.add_argument("--seeds", help="comma list of seeds (overrides the task's)")
     p.add_argument("--out", help="output folder (default DIR/eval/TASK)")

@@ -16,12 +16,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ablation", help="configs/ablations/NAME.py")
     p.add_argument("--store", required=True, help="the store to pretrain and evaluate on")
     p.add_argument("--workdir", required=True, help="one subfolder per row, eval/, table.*")
-    p.add_argument("--labels", help="labels.csv joined by salted study key (default: the "
-                   "store's label columns)")
+    p.add_argument(
+        "--labels",
+        help="labels.csv joined by salted study key (default: the store's label columns)",
+    )
     p.add_argument("--salt-file", help="the store's salt (default STORE.private/salt)")
     p.add_argument("--tasks", help="tasks config (default configs/tasks.py)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the ablation file, e.g. steps=200")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the ablation file, e.g. steps=200",
+    )
 
 
 def run(args) -> int:
@@ -39,5 +46,7 @@ def run(args) -> int:
         return 2
     print(f"table:  {args.workdir}/table.md (and table.csv)")
     print(f"report: {args.workdir}/eval/report.md")
-    print(f"time:   {result['total_seconds']:.0f} s ({result['pretrain_seconds']:.0f} s pretraining)")
+    print(
+        f"time:   {result['total_seconds']:.0f} s ({result['pretrain_seconds']:.0f} s pretraining)"
+    )
     return 1 if result["failed"] else 0

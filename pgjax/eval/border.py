@@ -38,7 +38,7 @@ class ProtocolDecoder:
         ids = tokens[np.asarray(rows, np.int64)].read().result()[:, cols]
         decode = {}
         out = {}
-        for j, (field, col) in enumerate(sorted(self.columns.items(), key=lambda kv: kv[1])):
+        for j, (field, _) in enumerate(sorted(self.columns.items(), key=lambda kv: kv[1])):
             values = []
             for t in ids[:, j]:
                 t = int(t)

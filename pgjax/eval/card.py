@@ -161,9 +161,11 @@ def write_card(workdir: str | Path, *, eval_dirs=(), audit: dict | None = None,
                              f"{'n/a' if p is None else f'{p:.3f}'} |")  # fmt: skip
             b = context.get("protocol_border")
             if b:
-                limits.append(f"{b['border_items']} of the test items of task {metrics['task']} "
-                              "have a protocol rare or unseen at the training sites (see the "
-                              "report's protocol-border table); expect such cases to differ.")
+                limits.append(
+                    f"{b['border_items']} of the test items of task {metrics['task']} "
+                    "have a protocol rare or unseen at the training sites (see the "
+                    "report's protocol-border table); expect such cases to differ."
+                )
             n_ext = (top["overall"] or {}).get("n")
             if n_ext is not None and n_ext < 200:
                 limits.append(f"The external test set of task {metrics['task']} has {n_ext} "

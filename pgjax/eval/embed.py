@@ -70,7 +70,9 @@ class Embedder:
         train_store = Path(str(config.input.store))
         vocab = open_store(self.store).vocabulary()
         if train_store.resolve() != self.store.resolve() and (train_store / "vocab.json").exists():
-            if (train_store / "vocab.json").read_bytes() != (self.store / "vocab.json").read_bytes():
+            if (train_store / "vocab.json").read_bytes() != (
+                self.store / "vocab.json"
+            ).read_bytes():
                 # Token ids would mean other values: the protocol encoder would read nonsense.
                 self.protocol_ok = False
                 vocab = open_store(train_store).vocabulary()

@@ -32,8 +32,9 @@ class EvalSettings:
     heads: tuple[str, ...] = ("linear",)
     l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
     finetune: dict = dataclasses.field(
-        default_factory=lambda: dict(steps=60, batch=16, lr=1e-4, head_lr=1e-2,
-                                     weight_decay=1e-4, eval_every=20)  # fmt: skip
+        default_factory=lambda: dict(
+            steps=60, batch=16, lr=1e-4, head_lr=1e-2, weight_decay=1e-4, eval_every=20
+        )  # fmt: skip
     )
     n_boot: int = 1000
     subgroup_boot: int = 200
@@ -148,15 +149,23 @@ def evaluate(
     context = {
         "task": dataclasses.asdict(task),
         "store": str(store),
-        "models": [{"name": m.name, "workdir": str(m.workdir), "random_init": m.random_init,
-                    "objectives": _objectives(m)} for m in models],  # fmt: skip
+        "models": [
+            {
+                "name": m.name,
+                "workdir": str(m.workdir),
+                "random_init": m.random_init,
+                "objectives": _objectives(m),
+            }
+            for m in models
+        ],  # fmt: skip
         "reference": reference,
         "settings": dataclasses.asdict(settings),
         "label_join": items.join,
         "counts": counts,
         "protocol_border": border_summary,
-        "border_protocols": sorted({str(p) for p, b in zip(protocols, border, strict=True)
-                                    if b}),  # fmt: skip
+        "border_protocols": sorted(
+            {str(p) for p, b in zip(protocols, border, strict=True) if b}
+        ),  # fmt: skip
         "probe": notes,
         "skipped": skipped,
         "predict_seconds": round(time.perf_counter() - started, 1),
@@ -220,11 +229,19 @@ def _prediction_rows(items: TaskItems, idx_test, probs, border, scanner, task: T
             "seed": seed}  # fmt: skip
     if task.unit == "item":
         return [
-            {**base, "split": c["split"][i], "item_id": f"{task.group}:{items.rows[i]}",
-             "patient_key": c["patient_key"][i], "site": c["site"][i], "vendor": c["vendor"][i],
-             "scanner_model": scanner[k], "modality": c["modality"][i],
-             "protocol_border": int(border[k]), "label": int(items.labels[i]),
-             "prob": float(probs[k])}  # fmt: skip
+            {
+                **base,
+                "split": c["split"][i],
+                "item_id": f"{task.group}:{items.rows[i]}",
+                "patient_key": c["patient_key"][i],
+                "site": c["site"][i],
+                "vendor": c["vendor"][i],
+                "scanner_model": scanner[k],
+                "modality": c["modality"][i],
+                "protocol_border": int(border[k]),
+                "label": int(items.labels[i]),
+                "prob": float(probs[k]),
+            }  # fmt: skip
             for k, i in enumerate(idx_test)
         ]
     # Study level: the mean probability of the study's items; border if any item is.

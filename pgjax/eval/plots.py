@@ -22,6 +22,11 @@ def _plt():
     return plt
 
 
+def _or(x, default):
+    """x, or default where x is None (an interval the metric could not give)."""
+    return default if x is None else x
+
+
 def _first_seed_runs(p: dict, split: str, head: str):
     """(model, fraction, seed) of each model's first seed at each fraction on a split."""
     out = {}
@@ -81,8 +86,14 @@ def write_plots(out: Path, p: dict, metrics: dict, context: dict) -> dict[str, s
         # AUROC against label fraction
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for m in models:
-            rs = [r for r in metrics["runs"] if r["model"] == m and r["split"] == split
-                  and r["head"] == head and runs.get((m, r["label_fraction"])) == r["seed"]]
+            rs = [
+                r
+                for r in metrics["runs"]
+                if r["model"] == m
+                and r["split"] == split
+                and r["head"] == head
+                and runs.get((m, r["label_fraction"])) == r["seed"]
+            ]
             rs.sort(key=lambda r: r["label_fraction"])
             pts = [(r["label_fraction"], r["overall"].get("auroc")) for r in rs]
             pts = [(f, a) for f, a in pts if isinstance(a, dict) and a.get("value") is not None]
@@ -90,8 +101,8 @@ def write_plots(out: Path, p: dict, metrics: dict, context: dict) -> dict[str, s
                 continue
             f = np.array([x for x, _ in pts])
             v = np.array([a["value"] for _, a in pts])
-            lo = np.array([a.get("lo", a["value"]) for _, a in pts])
-            hi = np.array([a.get("hi", a["value"]) for _, a in pts])
+            lo = np.array([_or(a.get("lo"), a["value"]) for _, a in pts])
+            hi = np.array([_or(a.get("hi"), a["value"]) for _, a in pts])
             ax.errorbar(f, v, yerr=[v - lo, hi - v], marker="o", capsize=3, label=m)
         ax.set_xscale("log")
         ax.set(xlabel="label fraction (training patients)", ylabel="AUROC (DeLong 95% CI)",
@@ -121,8 +132,8 @@ def write_plots(out: Path, p: dict, metrics: dict, context: dict) -> dict[str, s
                 ok = isinstance(a, dict) and a.get("value") is not None
                 v = a["value"] if ok else np.nan
                 vals.append(v)
-                errs[0].append(v - a.get("lo", v) if ok else 0)
-                errs[1].append(a.get("hi", v) - v if ok else 0)
+                errs[0].append(v - _or(a.get("lo"), v) if ok else 0)
+                errs[1].append(_or(a.get("hi"), v) - v if ok else 0)
             x = np.arange(len(vendors)) + j * width
             ax.bar(x, vals, width, yerr=errs, capsize=2, label=m)
         ax.set_xticks(np.arange(len(vendors)) + 0.4 - width / 2, vendors, fontsize=7)

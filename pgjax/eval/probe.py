@@ -188,8 +188,12 @@ def finetune(
         return optax.apply_updates(p, updates), opt_state, loss
 
     predict = jax.jit(logits)
+
     def probs_of(p, rows):
-        out = [np.asarray(predict(p, inputs["image"]))[:n] for inputs, n in embedder.batches(rows, batch)]
+        out = [
+            np.asarray(predict(p, inputs["image"]))[:n]
+            for inputs, n in embedder.batches(rows, batch)
+        ]
         return expit(np.concatenate(out)) if out else np.zeros(0)
 
     opt_state = tx.init(params)

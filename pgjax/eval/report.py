@@ -60,7 +60,7 @@ def value(summary: dict | None, metric: str):
         return None
     m = summary.get(metric)
     if isinstance(m, dict):
-        return m.get("value")
+        return m.get("value", m.get("fpr"))  # fpr_at_sensitivity keeps its value under "fpr"
     return m
 
 
@@ -94,7 +94,8 @@ def compute_metrics(pred_path: str | Path, context: dict) -> dict:
                     n_boot=s["subgroup_boot"], seed=0,
                 )  # fmt: skip
             run["subgroups"][attr] = table
-        run["gaps"] = {attr: _gaps(M, t) for attr, t in run["subgroups"].items()}
+        overall_auc = value(run["overall"], "auroc")
+        run["gaps"] = {attr: _gaps(M, t, overall_auc) for attr, t in run["subgroups"].items()}
         if model != reference:
             ref = _select(p, reference, head, fraction, seed, split)
             ref = ref[np.argsort(p["item_id"][ref], kind="stable")]
@@ -102,11 +103,13 @@ def compute_metrics(pred_path: str | Path, context: dict) -> dict:
                 try:
                     d = M.delong_paired(y, prob, p["prob"][ref], alpha=0.05)
                     run["vs_reference"] = {"reference": reference, **_asdict(d)}
-                except ValueError as e:  # e.g. one class only
+                except ValueError as e:  # e.g. fewer than 2 cases of a class
                     run["vs_reference"] = {"reference": reference, "reason": str(e)}
             else:
-                run["vs_reference"] = {"reference": reference,
-                                       "reason": "the reference has no run on the same cases"}
+                run["vs_reference"] = {
+                    "reference": reference,
+                    "reason": "the reference has no run on the same cases",
+                }
         runs.append(run)
     digest = hashlib.sha256(pred_path.read_bytes()).hexdigest()
     return {
@@ -125,7 +128,7 @@ def compute_metrics(pred_path: str | Path, context: dict) -> dict:
             "brier": "mean squared error of the probability",
             "fpr_at_sensitivity": f"false-positive rate at sensitivity >= {s['sensitivity']}",
             "intervals": "ECE, Brier, FPR: percentile bootstrap resampling patients "
-                         f"({s['n_boot']} resamples overall, {s['subgroup_boot']} per subgroup)",
+            f"({s['n_boot']} resamples overall, {s['subgroup_boot']} per subgroup)",
             "vs_reference": "paired DeLong test of AUROC against the reference on the same cases",
             "unit": context["task"]["unit"],
         },
@@ -152,11 +155,12 @@ def _plain(v):
     return v
 
 
-def _gaps(M, table: dict):
-    try:
-        return _jsonable(M.subgroup_gaps(table, metric="auroc"))
-    except (ValueError, KeyError, TypeError) as e:
-        return {"reason": str(e)}
+def _gaps(M, table: dict, overall_auc):
+    """Each subgroup's AUROC gap to the overall AUROC (pgjax.eval.metrics.subgroup_gaps)."""
+    if overall_auc is None:
+        return {"reason": "no overall AUROC (one class only)"}
+    rows = [{"group": g, **s} for g, s in table.items()]
+    return _jsonable(M.subgroup_gaps(rows, metric="auroc", overall=overall_auc))
 
 
 def _jsonable(x):
@@ -279,6 +283,15 @@ def verdict(metrics: dict, split: str = "external") -> list[str]:
     ref = metrics["reference"]
     out = []
     for r in rows:
+        a = r["overall"].get("auroc") or {}
+        if a.get("hi") is not None and a["hi"] < 0.5:
+            out.append(
+                f"- {r['model']}, {r['head']}, {r['label_fraction']:.0%} labels: AUROC "
+                f"{a['value']:.3f} with its interval below 0.5, worse than chance: the probe's "
+                "direction reverses on this split, as when a shortcut learned at the training "
+                "sites is reversed here."
+            )
+    for r in rows:
         if r["model"] == ref:
             continue
         vs = r.get("vs_reference") or {}
@@ -296,33 +309,23 @@ def verdict(metrics: dict, split: str = "external") -> list[str]:
 
 
 def subgroup_table(run: dict) -> list[str]:
-    lines = ["| attribute | group | n (pos) | AUROC [95% CI] | ECE-15 | Brier |",
-             "| --- | --- | ---: | --- | --- | --- |"]  # fmt: skip
+    lines = ["| attribute | group | n (pos) | AUROC [95% CI] | AUROC gap | ECE-15 | Brier |",
+             "| --- | --- | ---: | --- | ---: | --- | --- |"]  # fmt: skip
     for attr, table in run["subgroups"].items():
-        flagged = _flagged(run.get("gaps", {}).get(attr))
+        gaps = run.get("gaps", {}).get(attr)
+        gaps = {e["group"]: e for e in gaps} if isinstance(gaps, list) else {}
         for g, s in table.items():
-            mark = " **(largest gap)**" if g in flagged else ""
+            e = gaps.get(g, {})
+            marks = (["largest gap"] if e.get("largest") else []) + (
+                ["CI excludes overall"] if e.get("flagged") else []
+            )
+            mark = f" **({'; '.join(marks)})**" if marks else ""
             lines.append(
                 f"| {attr} | {g}{mark} | {s.get('n')} ({s.get('n_pos')}) | {fmt_ci(s, 'auroc')} | "
+                f"{'n/a' if e.get('gap') is None else format(e['gap'], '+.3f')} | "
                 f"{fmt_ci(s, 'ece_uniform')} | {fmt_ci(s, 'brier')} |"
             )
     return lines
-
-
-def _flagged(gaps) -> set:
-    """Group names the gap analysis flags (whatever its exact layout: worst/best or flagged)."""
-    if not isinstance(gaps, dict):
-        return set()
-    names = set()
-    for key in ("flagged", "worst", "best", "min_group", "max_group", "lowest", "highest"):
-        v = gaps.get(key)
-        if isinstance(v, str):
-            names.add(v)
-        elif isinstance(v, list):
-            names.update(x for x in v if isinstance(x, str))
-        elif isinstance(v, dict) and isinstance(v.get("group"), str):
-            names.add(v["group"])
-    return names
 
 
 def render_report(metrics: dict, context: dict, figures: dict) -> str:
@@ -350,8 +353,11 @@ def render_report(metrics: dict, context: dict, figures: dict) -> str:
                  f"{c['positive_items']} | {sites} |")  # fmt: skip
     L += ["", "Models:", ""]
     for m in context["models"]:
-        what = "random initialisation of the reference architecture" if m["random_init"] else (
-            "objectives " + ", ".join(m["objectives"]))
+        what = (
+            "random initialisation of the reference architecture"
+            if m["random_init"]
+            else ("objectives " + ", ".join(m["objectives"]))
+        )
         L.append(f"- **{m['name']}**: {what} (`{m['workdir']}`)")
     splits = [s for s in ("external", "test") if any(r["split"] == s for r in metrics["runs"])]
     splits += sorted({r["split"] for r in metrics["runs"]} - set(splits))

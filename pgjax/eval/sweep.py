@@ -164,11 +164,17 @@ def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation
               "| --- | --- | ---: | ---: | --- | --- | --- | ---: | ---: | --- |"]  # fmt: skip
         for r in sorted(sel, key=lambda r: (r["label_fraction"], r["head"])):
             run = r["_run"]["overall"]
-            diff = "ref" if r["model"] == metrics["reference"] else (
-                "n/a" if r["diff_vs_reference"] is None else f"{r['diff_vs_reference']:+.3f}")
+            diff = (
+                "ref"
+                if r["model"] == metrics["reference"]
+                else ("n/a" if r["diff_vs_reference"] is None else f"{r['diff_vs_reference']:+.3f}")
+            )
             p = "" if r["model"] == metrics["reference"] else fmt_p(r["p_value_vs_reference"])
-            seeds = ("" if r["auroc_seed_mean"] is None or (r["n_seeds"] or 0) < 2 else
-                     f"{r['auroc_seed_mean']:.3f} ± {r['auroc_seed_sd']:.3f} ({r['n_seeds']})")
+            seeds = (
+                ""
+                if r["auroc_seed_mean"] is None or (r["n_seeds"] or 0) < 2
+                else f"{r['auroc_seed_mean']:.3f} ± {r['auroc_seed_sd']:.3f} ({r['n_seeds']})"
+            )
             L.append(f"| {r['model']} | {r['head']} | {r['label_fraction']:.0%} | {r['n']} "
                      f"({r['n_pos']}) | {fmt_ci(run, 'auroc')} | {fmt_ci(run, 'ece_uniform')} | "
                      f"{fmt_ci(run, 'brier')} | {diff} | {p} | {seeds} |")  # fmt: skip

@@ -146,7 +146,9 @@ def load_items(
         y = np.array([by_study.get(k, -1) for k in study], dtype=np.int64)
         join["label_studies_not_in_store"] = len(set(by_study) - set(study[ok]))
     else:
-        has = (table["task"].astype(str) == task.label) & np.isin(table["label"].astype(str), ["0", "1"])
+        has = (table["task"].astype(str) == task.label) & np.isin(
+            table["label"].astype(str), ["0", "1"]
+        )
         y = np.where(has, table["label"].astype(str) == "1", -1).astype(np.int64)
         join["source"] = "store table (labels joined by preprocess)"
     keep = ok & has
