@@ -708,6 +708,8 @@ def summarize(
     p = _check_scores(probs, y.size, "summarize", "probs", probability=True)
     _check_alpha(alpha, "summarize")
     _check_bins(n_bins, "uniform", "summarize")
+    if int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"summarize: n_boot must be a positive integer, got {n_boot}")
     cluster_of, n_clusters = _cluster_index(clusters, y.size, "summarize")
     n_pos = int(y.sum())
     n_neg = int(y.size - n_pos)
