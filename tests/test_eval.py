@@ -43,11 +43,20 @@ def store(corpus, tmp_path_factory):
     from pgjax.data.config import PreprocessConfig
     from pgjax.data.preprocess import preprocess
 
-    out = tmp_path_factory.mktemp("eval_store") / "store"
+    root = tmp_path_factory.mktemp("eval_store")
+    out = root / "store"
+    # A fixed salt (kept outside the store, as always): the patient-level splits are then the
+    # same on every run.
+    (root / "salt").write_text("5a" * 32 + "\n")
     cfg = PreprocessConfig(image_size=(32, 32), min_patients=2, external_sites=("site_d",),
                            split_fractions=(0.6, 0.2, 0.2))  # fmt: skip
-    preprocess([corpus / "dicom"], out, cfg=cfg, labels=corpus / "labels.csv", workers=1)
+    preprocess([corpus / "dicom"], out, cfg=cfg, labels=corpus / "labels.csv", workers=1,
+               salt_file=root / "salt")  # fmt: skip
     return out
+
+
+def salt_of(store):
+    return store.parent / "salt"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +84,8 @@ def evaluation(store, corpus, pg_workdir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_out") / "cardiomegaly"
     models = [Model("pg", pg_workdir), Model("random_init", pg_workdir, random_init=True)]
     settings = EvalSettings(heads=("linear", "linear+protocol"), n_boot=50, subgroup_boot=20)
-    metrics = evaluate(models, TASK, store, out, settings, labels=corpus / "labels.csv")
+    metrics = evaluate(models, TASK, store, out, settings, labels=corpus / "labels.csv",
+                       salt_file=salt_of(store))  # fmt: skip
     return out, metrics
 
 
@@ -89,7 +99,7 @@ def read_csv(path):
 
 
 def test_labels_join_through_the_salted_study_key(store, corpus):
-    joined = load_items(store, TASK, labels=corpus / "labels.csv")
+    joined = load_items(store, TASK, labels=corpus / "labels.csv", salt_file=salt_of(store))
     from_store = load_items(store, TASK)  # the store's own columns, joined by preprocess
     np.testing.assert_array_equal(joined.rows, from_store.rows)
     np.testing.assert_array_equal(joined.labels, from_store.labels)

@@ -1,8 +1,9 @@
 """Medium-size ablation: the demo's list with more pretraining, on a larger corpus.
 
-    pgjax synth --out medium/corpus --studies 600 --mix 0.7,0.15,0.15,0 --workers 2
+    pgjax synth --out medium/corpus --studies 600 --mix 0.8,0.1,0.1,0 --workers 2
     pgjax preprocess medium/corpus/dicom --out medium/store --labels medium/corpus/labels.csv \
-        --external-sites site_d --workers 2 --set image_size=128,128 --set min_patients=3
+        --external-sites site_d --workers 2 --set image_size=128,128 --set min_patients=3 \
+        --set volume_shape=32,64,64
     pgjax sweep configs/ablations/medium.py --store medium/store --workdir medium/sweep
 
 Same tiny models as the demo (CPU), 300 steps each (5x the demo), label fractions 10%, 20% and

@@ -140,7 +140,9 @@ def run(args) -> int:
     print()
     print(f"store:  {store}  ({counts['images_ok']} images, {counts['volumes_ok']} volumes)")
     print(f"splits: {json.dumps(_split_counts(store))}")
-    print(f"audit:  {work / 'audit.json'}  ({len(report.hits)} identifier hits)")
+    weak = report.weak_hits_total
+    print(f"audit:  {work / 'audit.json'}  ({report.hits_total - weak} identifier hits, {weak} "
+          "weak: single name components, accepted as by `pgjax audit --weak-ok`)")  # fmt: skip
     for _, wd in trained:
         curve = [json.loads(line)["loss"] for line in (wd / "metrics.jsonl").open()]
         print(f"train:  {wd}  (loss {curve[0]:.3f} at the first log, {curve[-1]:.3f} at the last)")
@@ -160,7 +162,7 @@ def run(args) -> int:
     total = time.perf_counter() - started
     print("time:   " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
           + f"; total {total:.0f} s")  # fmt: skip
-    return 1 if report.hits or failed else 0
+    return 1 if report.strong_hits_total or failed else 0
 
 
 # ============================== EXPORT HOOK ==============================================

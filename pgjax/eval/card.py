@@ -50,12 +50,23 @@ def audit_section(audit: dict | None) -> list[str]:
          f"{audit.get('arrays_scanned')} arrays searched for {audit.get('identifiers')} "
          f"identifiers from the source DICOM files (names, IDs, dates, UIDs and their unsalted "
          f"hashes).", ""]  # fmt: skip
+    weak = int(audit.get("weak_hits_total", 0) or 0)
     if not hits:
         L.append("**Result: clean** (no identifier found).")
+    elif hits == weak:
+        L.append(f"**Result: clean of strong identifiers**; {weak} weak hits (a single name "
+                 "component, e.g. a short given name, matched somewhere in the store's bytes; "
+                 "`pgjax audit --weak-ok` accepts these), redacted:")  # fmt: skip
     else:
-        L.append(f"**Result: {hits} identifier hits** (redacted):")
+        L.append(f"**Result: {hits - weak} identifier hits** ({weak} more weak), redacted:")
+    if hits:
         for kind, n in sorted((audit.get("hits_by_kind") or {}).items()):
             L.append(f"- {kind}: {n}")
+        for h in (audit.get("hits") or [])[:10]:
+            if isinstance(h, dict):
+                where = "in a decoded array" if h.get("where") == "array" else h.get("where")
+                L.append(f"  - `{h.get('path')}` {where}: {h.get('redacted')}"
+                         + (" (weak)" if h.get("weak") else ""))  # fmt: skip
     errors = audit.get("errors") or []
     if errors:
         L.append(f"{len(errors)} files or arrays could not be read: the audit is incomplete.")

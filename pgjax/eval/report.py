@@ -316,9 +316,13 @@ def subgroup_table(run: dict) -> list[str]:
         gaps = {e["group"]: e for e in gaps} if isinstance(gaps, list) else {}
         for g, s in table.items():
             e = gaps.get(g, {})
-            marks = (["largest gap"] if e.get("largest") else []) + (
-                ["CI excludes overall"] if e.get("flagged") else []
-            )
+            # A lone group is the overall population: no gap to flag.
+            several = len(table) > 1
+            marks = []
+            if several and e.get("largest"):
+                marks.append("largest gap" + (", worse" if e.get("worse") else ""))
+            if several and e.get("flagged"):
+                marks.append("CI excludes overall")
             mark = f" **({'; '.join(marks)})**" if marks else ""
             lines.append(
                 f"| {attr} | {g}{mark} | {s.get('n')} ({s.get('n_pos')}) | {fmt_ci(s, 'auroc')} | "
