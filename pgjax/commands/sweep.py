@@ -39,8 +39,10 @@ def run(args) -> int:
     try:
         ablation = load_config(args.ablation, args.set)
         tasks_config = load_tasks_config(args.tasks)
-        result = run_sweep(ablation, args.store, args.workdir, tasks_config,
-                           labels=args.labels, salt_file=args.salt_file)  # fmt: skip
+        result = run_sweep(
+            ablation, args.store, args.workdir, tasks_config, labels=args.labels,
+            salt_file=args.salt_file, eval_only=args.eval_only,
+        )  # fmt: skip
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
         print(f"pgjax sweep: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

@@ -44,8 +44,11 @@ def finished_step(workdir: Path) -> int | None:
     return steps[-1] if steps else None
 
 
-def pretrain_rows(ablation, store: str, workdir: Path, log=print) -> tuple[list, list]:
-    """Train every row; returns ([(name, workdir)], [(name, reason)] of failed rows)."""
+def pretrain_rows(
+    ablation, store: str, workdir: Path, log=print, *, eval_only: bool = False
+) -> tuple[list, list]:
+    """Train every row; returns ([(name, workdir)], [(name, reason)] of failed rows). With
+    eval_only, nothing is trained: rows without a finished checkpoint are reported as such."""
     from pgjax.train.config_lib import load_config
     from pgjax.train.train import train
 
@@ -59,6 +62,9 @@ def pretrain_rows(ablation, store: str, workdir: Path, log=print) -> tuple[list,
             config = load_config(resolve_config_path(row["config"]), overrides)
             if finished_step(wd) == config.total_steps:
                 log(f"[sweep] {name}: already trained ({config.total_steps} steps)")
+            elif eval_only:
+                failed.append((name, f"not trained to {config.total_steps} steps (--eval-only)"))
+                continue
             else:
                 t0 = time.perf_counter()
                 log(f"[sweep] {name}: pretraining {row['config']} for {config.total_steps} steps")
@@ -74,7 +80,7 @@ def pretrain_rows(ablation, store: str, workdir: Path, log=print) -> tuple[list,
 
 
 def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels=None,
-              salt_file=None, log=print) -> dict:  # fmt: skip
+              salt_file=None, log=print, eval_only: bool = False) -> dict:  # fmt: skip
     import dataclasses
 
     from pgjax.eval.embed import Model
@@ -84,7 +90,7 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    trained, failed = pretrain_rows(ablation, store, workdir, log)
+    trained, failed = pretrain_rows(ablation, store, workdir, log, eval_only=eval_only)
     if not trained:
         raise RuntimeError(f"every row of the sweep failed: {failed}")
     task = task_from_config(tasks_config, ablation.task)
@@ -180,7 +186,7 @@ def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation
                      f"{fmt_ci(run, 'brier')} | {diff} | {p} | {seeds} |")  # fmt: skip
         L.append("")
     if failed:
-        L += ["Rows that failed to train (not in the table):", ""]
+        L += ["Rows not in the table (failed or not trained):", ""]
         L += [f"- {name}: {reason}" for name, reason in failed]
         L.append("")
     L += ["Full report: `eval/report.md`; every number: `eval/metrics.json`, recomputable from "
