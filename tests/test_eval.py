@@ -332,8 +332,13 @@ def test_finetune_runs_and_keeps_the_best_validation_step(evaluation, store, pg_
         weight_decay=0.0, eval_every=2, seed=0,
     )  # fmt: skip
     assert result.probs.shape == (len(te),) and np.all((result.probs > 0) & (result.probs < 1))
-    if result.val_losses:
-        assert result.best_step == min(result.val_losses, key=result.val_losses.get)
+    assert result.val_losses, "the validation split has both classes here"
+    assert result.best_step == min(result.val_losses, key=result.val_losses.get)
+    # Step 0 is the linear probe itself (LP-FT): the same validation loss.
+    pv = np.clip(probe.predict(x_va), 1e-7, 1 - 1e-7)
+    y_va = items.labels[va]
+    probe_loss = -np.mean(y_va * np.log(pv) + (1 - y_va) * np.log(1 - pv))
+    assert result.val_losses[0] == pytest.approx(probe_loss, rel=1e-4)
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
     p.add_argument(
         "--heads",
-        help="comma list of linear, linear+protocol, finetune "
+        help="comma list of linear, linear+protocol, finetune, finetune+protocol "
         "(default: linear, plus linear+protocol if probe.conditioned)",
     )
     p.add_argument("--fractions", help="comma list of label fractions (overrides the task's)")

@@ -98,7 +98,7 @@ class Embedder:
         objective would compile every head for nothing)."""
         from pgjax.train.objectives import _takes_train
 
-        example = self._read(np.zeros(1, dtype=np.int64))
+        example = self.read(np.zeros(1, dtype=np.int64))
         key = jax.random.key(self.model.init_seed)
         inputs = {"image_encoder": (example["image"],),
                   "protocol_encoder": (example["tokens"], example["values"],
@@ -125,7 +125,7 @@ class Embedder:
                                                                "value_mask")}  # fmt: skip
         return self._opened
 
-    def _read(self, rows: np.ndarray) -> dict:
+    def read(self, rows: np.ndarray) -> dict:
         """Model inputs for store rows, as in pretraining (pgjax.train.train.prepare_batch)."""
         from pgjax.train.train import prepare_batch
 
@@ -142,7 +142,7 @@ class Embedder:
             chunk = rows[start : start + size]
             n = len(chunk)
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - n)])
-            yield self._read(padded), n
+            yield self.read(padded), n
 
     # ------------------------------------------------------------------------------ embedding
 

@@ -21,7 +21,7 @@ from pgjax.eval import probe as probe_lib
 from pgjax.eval.embed import Embedder, Model, cached_embeddings
 from pgjax.eval.tasks import TaskItems, TaskSpec, describe, fraction_patients, load_items
 
-HEADS = ("linear", "linear+protocol", "finetune")
+HEADS = ("linear", "linear+protocol", "finetune", "finetune+protocol")
 PREDICTION_COLUMNS = ("task", "model", "head", "label_fraction", "seed", "split", "item_id",
                       "patient_key", "site", "vendor", "scanner_model", "modality",
                       "protocol_border", "label", "prob")  # fmt: skip
@@ -116,15 +116,16 @@ def evaluate(
         )
         log(f"{model.name}: embeddings {emb['image'].shape} ({time.perf_counter() - t0:.1f} s)")
         for head in settings.heads:
-            if head == "linear+protocol" and "protocol" not in emb:
+            if head.endswith("+protocol") and "protocol" not in emb:
                 skipped.append({"model": model.name, "head": head,
                                 "reason": "no protocol encoder (image-only model)"})  # fmt: skip
                 continue
-            if head == "finetune" and embedder is None:
+            if head.startswith("finetune") and embedder is None:
                 embedder = Embedder(model, store, group=task.group, batch=settings.embed_batch)
             for fraction in task.label_fractions:
                 # At 100% every seed draws the same patients; a probe fit is deterministic.
-                seeds = task.seeds if fraction < 1.0 or head == "finetune" else task.seeds[:1]
+                stochastic = fraction < 1.0 or head.startswith("finetune")
+                seeds = task.seeds if stochastic else task.seeds[:1]
                 for seed in seeds:
                     result = _run_one(
                         items, emb, position, idx_train, idx_val, idx_test, head, fraction,
@@ -198,7 +199,7 @@ def _run_one(items: TaskItems, emb, position, idx_train, idx_val, idx_test, head
     def features(idx):
         pos = [position[int(i)] for i in idx]
         x = emb["image"][pos]
-        if head == "linear+protocol":
+        if head.endswith("+protocol"):
             x = np.concatenate([x, emb["protocol"][pos]], axis=1)
         return x.astype(np.float64)
 
@@ -209,14 +210,14 @@ def _run_one(items: TaskItems, emb, position, idx_train, idx_val, idx_test, head
     note = {"train_items": int(len(sub)), "train_patients": int(len(chosen)),
             "train_positives": int(y_sub.sum()), "l2": probe.l2,
             "selection": probe.selection}  # fmt: skip
-    if head != "finetune":
+    if not head.startswith("finetune"):
         return probe.predict(features(idx_test)), note
     ft = settings.finetune
     result = probe_lib.finetune(
         embedder, items.rows[sub], y_sub, items.rows[idx_val], y_val, items.rows[idx_test],
         probe.raw_head(), steps=int(ft["steps"]), batch=int(ft["batch"]), lr=float(ft["lr"]),
         head_lr=float(ft["head_lr"]), weight_decay=float(ft["weight_decay"]),
-        eval_every=int(ft["eval_every"]), seed=seed,
+        eval_every=int(ft["eval_every"]), seed=seed, with_protocol=head.endswith("+protocol"),
     )  # fmt: skip
     note.update(best_step=result.best_step, val_losses=result.val_losses)
     return result.probs, note

@@ -150,8 +150,12 @@ def finetune(
     weight_decay: float,
     eval_every: int,
     seed: int,
+    with_protocol: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune the embedder's image encoder with a logistic head; see the module docstring."""
+    """Fine-tune the embedder's image encoder with a logistic head; see the module docstring.
+
+    with_protocol: the head also reads the (frozen) protocol encoder's embedding, concatenated
+    after the image embedding; head_init then comes from the `linear+protocol` probe."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -172,28 +176,30 @@ def finetune(
         labels_tree,
     )
 
-    def logits(p, images):
+    def logits(p, inputs):
         v = {"params": {**frozen, "image_encoder": p["encoder"]}, **state}
-        pooled = objective.embed_images(v, images)
-        return pooled @ p["head"]["w"] + p["head"]["b"]
+        features = objective.embed_images(v, inputs["image"])
+        if with_protocol:
+            protocol = objective.embed_protocol(
+                variables, inputs["tokens"], inputs["values"], inputs["value_mask"]
+            )
+            features = jnp.concatenate([features, protocol], axis=-1)
+        return features @ p["head"]["w"] + p["head"]["b"]
 
-    def loss_fn(p, images, y):
-        z = logits(p, images)
+    def loss_fn(p, inputs, y):
+        z = logits(p, inputs)
         return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
 
     @jax.jit
-    def update(p, opt_state, images, y):
-        loss, grads = jax.value_and_grad(loss_fn)(p, images, y)
+    def update(p, opt_state, inputs, y):
+        loss, grads = jax.value_and_grad(loss_fn)(p, inputs, y)
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
     predict = jax.jit(logits)
 
     def probs_of(p, rows):
-        out = [
-            np.asarray(predict(p, inputs["image"]))[:n]
-            for inputs, n in embedder.batches(rows, batch)
-        ]
+        out = [np.asarray(predict(p, inputs))[:n] for inputs, n in embedder.batches(rows, batch)]
         return expit(np.concatenate(out)) if out else np.zeros(0)
 
     opt_state = tx.init(params)
@@ -217,8 +223,8 @@ def finetune(
     check(0, params)
     for step in range(1, steps + 1):
         pick = rng.integers(0, len(train_rows), size=batch)
-        inputs = embedder._read(np.asarray(train_rows)[pick])
-        params, opt_state, _ = update(params, opt_state, inputs["image"], y_train[pick])
+        inputs = embedder.read(np.asarray(train_rows)[pick])
+        params, opt_state, _ = update(params, opt_state, inputs, y_train[pick])
         if step % eval_every == 0 or step == steps:
             check(step, params)
     _, best_step, best_params = best
