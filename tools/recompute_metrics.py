@@ -7,7 +7,9 @@ reported numbers. For every run (model, head, label fraction, seed, split) and e
 (site, vendor, scanner model, modality, protocol border) it recomputes n, n_pos, the number of
 patients, AUROC (sklearn roc_auc_score), Brier score (sklearn brier_score_loss), ECE over 15
 equal-width and 15 equal-mass bins (bins [a, b) with the last closed, as np.histogram; equal-mass
-edges are np.percentile of the probabilities), and the false-positive rate at the reported
+edges are np.percentile(probs, np.linspace(0, 1, 16) * 100), the edges of
+sklearn.calibration.calibration_curve: with linspace(0, 100, 16) instead, an edge can move by
+one ulp onto a probability and change its bin), and the false-positive rate at the reported
 sensitivity (from sklearn roc_curve), and compares them with metrics.json. It also checks the
 file's SHA-256. Not recomputed: the DeLong and bootstrap intervals and the paired p-values (no
 scikit-learn equivalent; the bootstrap depends on the random stream).
@@ -48,7 +50,7 @@ def recompute(y: np.ndarray, p: np.ndarray, patients: np.ndarray, sensitivity: f
     out = {"n": len(y), "n_pos": int(y.sum()), "n_patients": len(set(patients)),
            "brier": brier_score_loss(y, p, pos_label=1) if len(y) else None,
            "ece_uniform": ece(y, p, np.linspace(0, 1, 16)),
-           "ece_quantile": ece(y, p, np.percentile(p, np.linspace(0, 100, 16)))}  # fmt: skip
+           "ece_quantile": ece(y, p, np.percentile(p, np.linspace(0, 1, 16) * 100))}  # fmt: skip
     two = 0 < y.sum() < len(y)
     out["auroc"] = float(roc_auc_score(y, p)) if two else None
     out["fpr_at_sensitivity"] = fpr_at(y, p, sensitivity) if two else None
