@@ -1,9 +1,9 @@
 """The report's PNG plots (matplotlib, Agg backend: no display needed).
 
 ROC curves and reliability diagrams of each model at the largest label fraction (first seed),
-AUROC against label fraction (first seed with its DeLong interval, and the mean over seeds), and
-AUROC per vendor with intervals. The ROC curve is drawn from sklearn's roc_curve (drawing only;
-the numbers come from pgjax.eval.metrics).
+AUROC against label fraction (first seed, with its DeLong interval), and
+AUROC per vendor with intervals. The ROC curve's points are computed here for drawing only;
+every number comes from pgjax.eval.metrics.
 """
 
 from __future__ import annotations
@@ -20,6 +20,16 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _roc_points(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, sensitivity) at every distinct score taken as threshold (score >= t positive),
+    from (0, 0): the curve to draw. Its area is what metrics.auroc computes."""
+    order = np.argsort(-score, kind="stable")
+    s, yy = score[order], y[order]
+    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # one point per tie group
+    tp, fp = np.cumsum(yy)[last], np.cumsum(1 - yy)[last]
+    return np.r_[0.0, fp / max(1, fp[-1])], np.r_[0.0, tp / max(1, tp[-1])]
 
 
 def _or(x, default):
@@ -59,9 +69,7 @@ def write_plots(out: Path, p: dict, metrics: dict, context: dict) -> dict[str, s
                  & (p["label_fraction"] == top) & (p["seed"] == runs[(m, top)]))  # fmt: skip
             y, prob = p["label"][k], p["prob"][k]
             if 0 < y.sum() < len(y):
-                from sklearn.metrics import roc_curve
-
-                fpr, tpr, _ = roc_curve(y, prob)
+                fpr, tpr = _roc_points(y, prob)
                 ax_roc.plot(fpr, tpr, label=f"{m} ({M.auroc(y, prob):.3f})")
             rel = M.reliability(y, prob, n_bins=15, strategy="uniform")
             count = np.asarray(rel["count"])
