@@ -23,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--salt-file", help="the store's salt (default STORE.private/salt)")
     p.add_argument("--tasks", help="tasks config (default configs/tasks.py)")
     p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="train nothing; evaluate the rows whose pretraining has finished",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
