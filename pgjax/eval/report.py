@@ -127,7 +127,7 @@ def compute_metrics(pred_path: str | Path, context: dict) -> dict:
             "ece_quantile": "expected calibration error, 15 equal-mass bins",
             "brier": "mean squared error of the probability",
             "fpr_at_sensitivity": f"false-positive rate at sensitivity >= {s['sensitivity']}",
-            "intervals": "ECE, Brier, FPR: percentile bootstrap resampling patients "
+            "intervals": "ECE and Brier: percentile bootstrap resampling patients "
             f"({s['n_boot']} resamples overall, {s['subgroup_boot']} per subgroup)",
             "vs_reference": "paired DeLong test of AUROC against the reference on the same cases",
             "unit": context["task"]["unit"],
