@@ -22,6 +22,9 @@ COMMANDS = {
     "demo": "pgjax.commands.demo",
     "train": "pgjax.commands.train",
     "export": "pgjax.commands.export",
+    "eval": "pgjax.commands.eval",
+    "sweep": "pgjax.commands.sweep",
+    "card": "pgjax.commands.card",
 }
 
 _HELP = {
@@ -33,6 +36,9 @@ _HELP = {
     "demo": "the pipeline end to end on a small synthetic corpus",
     "train": "pretrain from a config file (resumes from the last checkpoint)",
     "export": "a checkpoint to a PyTorch model folder, with a parity check",
+    "eval": "evaluate encoders on a downstream task (probe, fine-tune, calibration, DeLong)",
+    "sweep": "pretrain and evaluate a list of configs; one comparison table",
+    "card": "write a model card (data, objectives, results, calibration, audits)",
 }
 
 

@@ -473,9 +473,7 @@ def delong_ci(labels: Any, scores: Any, alpha: float = 0.05, scale: str = "auc")
     return AurocCI(auc=auc, se=se, lo=lo, hi=hi, n=int(y.size), n_pos=int(y.sum()))
 
 
-def delong_paired(
-    labels: Any, scores_a: Any, scores_b: Any, alpha: float = 0.05
-) -> PairedDelong:
+def delong_paired(labels: Any, scores_a: Any, scores_b: Any, alpha: float = 0.05) -> PairedDelong:
     """DeLong's test for two correlated ROC curves on the same cases (two-sided).
 
     diff = auc_a - auc_b, se from the 2x2 DeLong covariance: var_a + var_b - 2 cov_ab;
@@ -719,7 +717,13 @@ def summarize(
     two_classes = n_pos > 0 and n_neg > 0
     metrics: list[Callable] = [ece_u, ece_q, brier] + ([auroc] if two_classes else [])
     reps = _replicates(
-        metrics, y, p, cluster_of, n_clusters, n_boot, seed,
+        metrics,
+        y,
+        p,
+        cluster_of,
+        n_clusters,
+        n_boot,
+        seed,
         [False, False, False] + ([True] if two_classes else []),
     )
 

@@ -1,0 +1,273 @@
+"""One evaluation: models x heads x label fractions x seeds on one task, to predictions.csv.
+
+Every model (pretrained checkpoints, and a random init of the reference's architecture) goes
+through the same code: the same items, the same label subsets, the same probe and penalty grid.
+The predictions are written first; `pgjax.eval.report` then computes metrics.json from exactly
+the rows of predictions.csv and writes the report and plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pgjax.eval import border as border_lib
+from pgjax.eval import probe as probe_lib
+from pgjax.eval.embed import Embedder, Model, cached_embeddings
+from pgjax.eval.tasks import TaskItems, TaskSpec, describe, fraction_patients, load_items
+
+HEADS = ("linear", "linear+protocol", "finetune", "finetune+protocol")
+PREDICTION_COLUMNS = ("task", "model", "head", "label_fraction", "seed", "split", "item_id",
+                      "patient_key", "site", "vendor", "scanner_model", "modality",
+                      "protocol_border", "label", "prob")  # fmt: skip
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    heads: tuple[str, ...] = ("linear",)
+    l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    finetune: dict = dataclasses.field(
+        default_factory=lambda: dict(
+            steps=60, batch=16, lr=1e-4, head_lr=1e-2, weight_decay=1e-4, eval_every=20
+        )  # fmt: skip
+    )
+    n_boot: int = 1000
+    subgroup_boot: int = 200
+    sensitivity: float = 0.9
+    border_min_patients: int = 3
+    embed_batch: int = 64
+
+    def __post_init__(self):
+        bad = [h for h in self.heads if h not in HEADS]
+        if bad or not self.heads:
+            raise ValueError(f"heads must be among {HEADS}, not {list(self.heads)}")
+
+    @classmethod
+    def from_config(cls, c, heads=None) -> EvalSettings:
+        p, m = c.probe, c.metrics
+        if heads is None:
+            heads = ("linear", "linear+protocol") if p.conditioned else ("linear",)
+        return cls(
+            heads=tuple(heads), l2_grid=tuple(float(v) for v in p.l2_grid),
+            finetune=dict(c.finetune), n_boot=int(m.n_boot), subgroup_boot=int(m.subgroup_boot),
+            sensitivity=float(m.sensitivity), border_min_patients=int(m.border_min_patients),
+            embed_batch=int(c.embed_batch),
+        )  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(f"[eval] {msg}", flush=True)
+
+
+def evaluate(
+    models: list[Model],
+    task: TaskSpec,
+    store: str | Path,
+    out: str | Path,
+    settings: EvalSettings,
+    *,
+    labels: str | Path | None = None,
+    salt_file: str | Path | None = None,
+    reference: str | None = None,
+) -> dict:
+    """Write out/predictions.csv, out/metrics.json, out/report.md and out/plots/; returns the
+    metrics. `reference` names the model the others are compared with (paired DeLong)."""
+    from pgjax.eval import report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique: {names}")
+    reference = reference or names[0]
+    if reference not in names:
+        raise ValueError(f"reference {reference!r} is not among the models {names}")
+
+    started = time.perf_counter()
+    items = load_items(store, task, labels=labels, salt_file=salt_file)
+    idx_train = items.where(task.train_splits)
+    idx_val = items.where(task.val_splits)
+    idx_test = items.where(task.test_splits)
+    counts = describe(items)
+    log(f"task {task.name}: {len(items)} labelled items; "
+        + ", ".join(f"{s} {c['items']} ({c['positive_items']} positive)"
+                    for s, c in counts.items()))  # fmt: skip
+    if len(idx_test) == 0:
+        raise ValueError(f"task {task.name}: no items in the test splits {task.test_splits}")
+    border, protocols, scanner, border_summary = border_lib.border_flags(
+        store, task.group, items.rows[idx_test], min_patients=settings.border_min_patients
+    )
+    used = np.concatenate([idx_train, idx_val, idx_test])
+    rows = items.rows[used]
+    position = {int(i): k for k, i in enumerate(used)}
+
+    predictions: list[dict] = []
+    skipped: list[dict] = []
+    notes: dict = {}
+    for model in models:
+        t0 = time.perf_counter()
+        emb, embedder = cached_embeddings(
+            model, store, rows, out / "embeddings", group=task.group, batch=settings.embed_batch
+        )
+        log(f"{model.name}: embeddings {emb['image'].shape} ({time.perf_counter() - t0:.1f} s)")
+        for head in settings.heads:
+            if head.endswith("+protocol") and "protocol" not in emb:
+                skipped.append({"model": model.name, "head": head,
+                                "reason": "no protocol encoder (image-only model)"})  # fmt: skip
+                continue
+            if head.startswith("finetune") and embedder is None:
+                embedder = Embedder(model, store, group=task.group, batch=settings.embed_batch)
+            for fraction in task.label_fractions:
+                # At 100% every seed draws the same patients; a probe fit is deterministic.
+                stochastic = fraction < 1.0 or head.startswith("finetune")
+                seeds = task.seeds if stochastic else task.seeds[:1]
+                for seed in seeds:
+                    result = _run_one(
+                        items, emb, position, idx_train, idx_val, idx_test, head, fraction,
+                        seed, settings, embedder,
+                    )  # fmt: skip
+                    if isinstance(result, str):
+                        skipped.append({"model": model.name, "head": head,
+                                        "label_fraction": fraction, "seed": seed,
+                                        "reason": result})  # fmt: skip
+                        continue
+                    probs, note = result
+                    notes[f"{model.name}/{head}/{fraction}/{seed}"] = note
+                    predictions.extend(_prediction_rows(
+                        items, idx_test, probs, border, scanner, task, model.name, head,
+                        fraction, seed,
+                    ))  # fmt: skip
+    for s in skipped:
+        log(f"skipped {s}")
+    if not predictions:
+        raise ValueError(f"task {task.name}: no model produced predictions ({skipped})")
+    write_predictions(out / "predictions.csv", predictions)
+    context = {
+        "task": dataclasses.asdict(task),
+        "store": str(store),
+        "models": [
+            {
+                "name": m.name,
+                "workdir": str(m.workdir),
+                "random_init": m.random_init,
+                "objectives": _objectives(m),
+            }
+            for m in models
+        ],  # fmt: skip
+        "reference": reference,
+        "settings": dataclasses.asdict(settings),
+        "label_join": items.join,
+        "counts": counts,
+        "protocol_border": border_summary,
+        "border_protocols": sorted(
+            {str(p) for p, b in zip(protocols, border, strict=True) if b}
+        ),  # fmt: skip
+        "probe": notes,
+        "skipped": skipped,
+        "predict_seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "context.json").write_text(json.dumps(context, indent=1, default=str) + "\n")
+    t0 = time.perf_counter()
+    metrics = report.write_all(out, context)
+    log(f"metrics and report in {time.perf_counter() - t0:.1f} s: {out / 'report.md'}")
+    return metrics
+
+
+def _objectives(model: Model) -> list[str]:
+    if model.random_init:
+        return ["(random init)"]
+    objectives = model.config.objectives
+    return [n for n in objectives if float(objectives[n].get("weight", 0.0)) > 0]
+
+
+def _run_one(items: TaskItems, emb, position, idx_train, idx_val, idx_test, head, fraction,
+             seed, settings: EvalSettings, embedder):  # fmt: skip
+    """Test probabilities (item level) of one head at one label fraction and seed, or the
+    reason it could not be fitted."""
+    patients = items.columns["patient_key"]
+    chosen = fraction_patients(patients[idx_train], items.labels[idx_train], fraction, seed)
+    sub = idx_train[np.isin(patients[idx_train], chosen)]
+    y_sub = items.labels[sub].astype(np.float64)
+    if not (0 < y_sub.sum() < len(y_sub)):
+        return "the label subset has one class only"
+
+    def features(idx):
+        pos = [position[int(i)] for i in idx]
+        x = emb["image"][pos]
+        if head.endswith("+protocol"):
+            x = np.concatenate([x, emb["protocol"][pos]], axis=1)
+        return x.astype(np.float64)
+
+    y_val = items.labels[idx_val].astype(np.float64)
+    probe = probe_lib.train_linear_probe(
+        features(sub), y_sub, patients[sub], features(idx_val), y_val, settings.l2_grid
+    )
+    note = {"train_items": int(len(sub)), "train_patients": int(len(chosen)),
+            "train_positives": int(y_sub.sum()), "l2": probe.l2,
+            "selection": probe.selection}  # fmt: skip
+    if not head.startswith("finetune"):
+        return probe.predict(features(idx_test)), note
+    ft = settings.finetune
+    result = probe_lib.finetune(
+        embedder, items.rows[sub], y_sub, items.rows[idx_val], y_val, items.rows[idx_test],
+        probe.raw_head(), steps=int(ft["steps"]), batch=int(ft["batch"]), lr=float(ft["lr"]),
+        head_lr=float(ft["head_lr"]), weight_decay=float(ft["weight_decay"]),
+        eval_every=int(ft["eval_every"]), seed=seed, with_protocol=head.endswith("+protocol"),
+    )  # fmt: skip
+    note.update(best_step=result.best_step, val_losses=result.val_losses)
+    return result.probs, note
+
+
+def _prediction_rows(items: TaskItems, idx_test, probs, border, scanner, task: TaskSpec, model,
+                     head, fraction, seed) -> list[dict]:  # fmt: skip
+    c = items.columns
+    base = {"task": task.name, "model": model, "head": head, "label_fraction": fraction,
+            "seed": seed}  # fmt: skip
+    if task.unit == "item":
+        return [
+            {
+                **base,
+                "split": c["split"][i],
+                "item_id": f"{task.group}:{items.rows[i]}",
+                "patient_key": c["patient_key"][i],
+                "site": c["site"][i],
+                "vendor": c["vendor"][i],
+                "scanner_model": scanner[k],
+                "modality": c["modality"][i],
+                "protocol_border": int(border[k]),
+                "label": int(items.labels[i]),
+                "prob": float(probs[k]),
+            }  # fmt: skip
+            for k, i in enumerate(idx_test)
+        ]
+    # Study level: the mean probability of the study's items; border if any item is.
+    groups: dict[tuple[str, str], list[int]] = {}
+    for k, i in enumerate(idx_test):
+        groups.setdefault((c["split"][i], c["study_key"][i]), []).append(k)
+    out = []
+    for (split, study), ks in groups.items():
+        i = idx_test[ks[0]]
+        out.append({
+            **base, "split": split, "item_id": study, "patient_key": c["patient_key"][i],
+            "site": c["site"][i], "vendor": c["vendor"][i], "scanner_model": scanner[ks[0]],
+            "modality": c["modality"][i], "protocol_border": int(border[ks].any()),
+            "label": int(items.labels[i]), "prob": float(np.mean(probs[ks])),
+        })  # fmt: skip
+    return out
+
+
+def write_predictions(path: Path, rows: list[dict]) -> None:
+    """CSV, probabilities in full precision (repr), written atomically."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "prob": repr(float(r["prob"])),
+                        "label_fraction": repr(float(r["label_fraction"]))})  # fmt: skip
+    tmp.replace(path)

@@ -1,0 +1,363 @@
+"""Evaluation: label join, label fractions, probes, protocol border, predictions -> metrics,
+the recompute tool, the report, card and commands.
+
+One small synthetic corpus (radiographs, 4 sites, site_d external) and one tiny Protocol Genome
+checkpoint trained for a few steps are shared by the module; the rest is NumPy. The slow tests
+(fine-tuning, a sweep) are marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pgjax.eval import probe as probe_lib
+from pgjax.eval.tasks import TaskSpec, fraction_patients, load_items, read_label_file
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "recompute_metrics.py"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from pgjax.synth.corpus import write_corpus
+
+    out = tmp_path_factory.mktemp("eval_corpus")
+    write_corpus(out, studies=90, seed=3, modality_mix=(1.0, 0.0, 0.0, 0.0), radiograph_size=48)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(corpus, tmp_path_factory):
+    from pgjax.data.config import PreprocessConfig
+    from pgjax.data.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("eval_store")
+    out = root / "store"
+    # A fixed salt (kept outside the store, as always): the patient-level splits are then the
+    # same on every run.
+    (root / "salt").write_text("5a" * 32 + "\n")
+    cfg = PreprocessConfig(image_size=(32, 32), min_patients=2, external_sites=("site_d",),
+                           split_fractions=(0.6, 0.2, 0.2))  # fmt: skip
+    preprocess([corpus / "dicom"], out, cfg=cfg, labels=corpus / "labels.csv", workers=1,
+               salt_file=root / "salt")  # fmt: skip
+    return out
+
+
+def salt_of(store):
+    return store.parent / "salt"
+
+
+@pytest.fixture(scope="module")
+def pg_workdir(store, tmp_path_factory):
+    """configs/pg.py:tiny, 2 steps: the checkpoint every model-level test reuses."""
+    from pgjax.train.config_lib import load_config
+    from pgjax.train.train import train
+
+    workdir = tmp_path_factory.mktemp("eval_models") / "pg"
+    config = load_config(REPO / "configs" / "pg.py:tiny",
+                         [f"input.store={store}", "input.global_batch=8", "total_steps=2",
+                          "log_every=1", "checkpoint_every=2"])  # fmt: skip
+    train(config, workdir)
+    return workdir
+
+
+TASK = TaskSpec("cardiomegaly", "cardiomegaly", label_fractions=(0.5, 1.0), seeds=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def evaluation(store, corpus, pg_workdir, tmp_path_factory):
+    from pgjax.eval.embed import Model
+    from pgjax.eval.evaluate import EvalSettings, evaluate
+
+    out = tmp_path_factory.mktemp("eval_out") / "cardiomegaly"
+    models = [Model("pg", pg_workdir), Model("random_init", pg_workdir, random_init=True)]
+    settings = EvalSettings(heads=("linear", "linear+protocol"), n_boot=50, subgroup_boot=20)
+    metrics = evaluate(models, TASK, store, out, settings, labels=corpus / "labels.csv",
+                       salt_file=salt_of(store))  # fmt: skip
+    return out, metrics
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# Label join and fractions
+
+
+def test_labels_join_through_the_salted_study_key(store, corpus):
+    joined = load_items(store, TASK, labels=corpus / "labels.csv", salt_file=salt_of(store))
+    from_store = load_items(store, TASK)  # the store's own columns, joined by preprocess
+    np.testing.assert_array_equal(joined.rows, from_store.rows)
+    np.testing.assert_array_equal(joined.labels, from_store.labels)
+    # The keys are HMACs of the UIDs under the store's salt: no UID reaches the join's result.
+    uids = {r["study_uid"] for r in read_csv(corpus / "labels.csv")}
+    assert not uids & set(joined.columns["study_key"])
+    assert joined.join["label_studies_not_in_store"] == 0
+    assert set(joined.columns["split"]) >= {"train", "external"}
+
+
+def test_label_join_errors_name_the_file(store, corpus, tmp_path):
+    bad = tmp_path / "labels.csv"
+    bad.write_text("study_uid,task,label\n1.2.3,cardiomegaly,0\n1.2.4,cardiomegaly,yes\n")
+    with pytest.raises(ValueError, match=r"labels.csv:3: label must be 0 or 1"):
+        read_label_file(bad, "cardiomegaly", b"s" * 32)
+    with pytest.raises(FileNotFoundError, match="salt"):
+        load_items(store, TASK, labels=corpus / "labels.csv", salt_file=tmp_path / "nosalt")
+    with pytest.raises(ValueError, match="no usable images item has a label for task 'nope'"):
+        load_items(store, TaskSpec("x", "nope"))
+
+
+def test_label_fractions_are_patient_level_stratified_nested_and_seeded():
+    rng = np.random.default_rng(0)
+    patients = np.array([f"p{i // 3:03d}" for i in range(300)])  # 3 items per patient
+    by_patient = rng.random(100) < 0.2
+    labels = np.array([int(by_patient[i // 3]) for i in range(300)])
+    small = fraction_patients(patients, labels, 0.1, seed=0)
+    large = fraction_patients(patients, labels, 0.5, seed=0)
+    assert set(small) <= set(large)  # nested
+    assert np.array_equal(small, fraction_patients(patients, labels, 0.1, seed=0))
+    assert not np.array_equal(small, fraction_patients(patients, labels, 0.1, seed=1))
+    n_pos = int(by_patient.sum())
+    pos = {f"p{i:03d}" for i in np.flatnonzero(by_patient)}
+    assert len(set(small) & pos) == int(np.ceil(0.1 * n_pos))  # stratified by patient label
+    assert len(set(small) - pos) == int(np.ceil(0.1 * (100 - n_pos)))
+    tiny = fraction_patients(patients, labels, 0.001, seed=0)
+    assert len(tiny) == 2 and len(set(tiny) & pos) == 1  # at least one patient per class
+    assert len(fraction_patients(patients, labels, 1.0, seed=5)) == 100
+    with pytest.raises(ValueError, match="label fraction"):
+        fraction_patients(patients, labels, 0.0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe
+
+
+def test_logistic_fit_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 5))
+    y = (x @ np.array([1.0, -2.0, 0.5, 0.0, 0.0]) + rng.normal(size=200) > 0).astype(float)
+    l2 = 0.05
+    w, b = probe_lib.fit_logistic(x, y, l2)
+    # sklearn: C * sum(log-loss) + |w|^2 / 2, i.e. ours with l2 = 1 / (C n).
+    ref = LogisticRegression(C=1.0 / (l2 * len(y)), tol=1e-10, max_iter=10_000).fit(x, y)
+    np.testing.assert_allclose(w, ref.coef_[0], atol=1e-4)
+    np.testing.assert_allclose(b, ref.intercept_[0], atol=1e-4)
+
+
+def test_probe_picks_the_penalty_on_validation_and_falls_back_to_grouped_cv():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(120, 20))
+    y = (x[:, 0] > 0).astype(float)
+    groups = np.array([f"p{i // 2}" for i in range(120)])
+    probe = probe_lib.train_linear_probe(x[:80], y[:80], groups[:80], x[80:], y[80:],
+                                         (1e-3, 1e-1, 10.0))  # fmt: skip
+    assert probe.selection == "validation log-loss"
+    assert probe.l2 < 10.0  # a penalty that flattens the separable signal is not chosen
+    from pgjax.eval.metrics import auroc
+
+    assert auroc(y[80:], probe.predict(x[80:])) > 0.95
+    one_class_val = np.zeros(40)
+    cv = probe_lib.train_linear_probe(x[:80], y[:80], groups[:80], x[80:], one_class_val,
+                                      (1e-3, 1e-1, 10.0))  # fmt: skip
+    assert cv.selection.startswith("patient-grouped cross-validation")
+    with pytest.raises(ValueError, match="one class"):
+        probe_lib.train_linear_probe(x[:5], np.zeros(5), groups[:5], x, y, (1.0,))
+    # raw_head acts on unstandardised embeddings exactly as the probe does on standardised ones
+    w, b = probe.raw_head()
+    np.testing.assert_allclose(x @ w + b, probe.logits(x), atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: predictions -> metrics.json -> report, plots
+
+
+def test_predictions_have_one_row_per_test_study_and_run(evaluation, store, corpus):
+    out, metrics = evaluation
+    rows = read_csv(out / "predictions.csv")
+    from pgjax.eval.evaluate import PREDICTION_COLUMNS
+
+    assert tuple(rows[0]) == PREDICTION_COLUMNS
+    items = load_items(store, TASK)
+    test = items.where(TASK.test_splits)
+    n_studies = len(set(zip(items.columns["split"][test], items.columns["study_key"][test],
+                            strict=True)))  # fmt: skip
+    runs = {(r["model"], r["head"], r["label_fraction"], r["seed"]) for r in rows}
+    # pg: linear and linear+protocol; random init has a (random) protocol encoder too.
+    # 0.5 with seeds 0 and 1, 1.0 with seed 0 only (the subset does not depend on the seed).
+    assert len(runs) == 2 * 2 * 3
+    assert len(rows) == len(runs) * n_studies
+    assert {r["split"] for r in rows} == {"test", "external"}
+    assert all(0.0 <= float(r["prob"]) <= 1.0 for r in rows)
+    uids = {r["study_uid"] for r in read_csv(corpus / "labels.csv")}
+    assert not uids & {r["item_id"] for r in rows}
+    assert metrics["predictions_rows"] == len(rows)
+
+
+def test_metrics_json_is_recomputed_from_predictions_csv_by_scikit_learn(evaluation, tmp_path):
+    out, _ = evaluation
+    done = subprocess.run([sys.executable, str(TOOL), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "AGREE" in done.stdout
+    # The tool can fail: one changed probability, with the digest fixed up, is caught.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("embeddings", "plots"))
+    lines = (copy / "predictions.csv").read_text().splitlines()
+    head, first = lines[0].split(","), lines[1].split(",")
+    first[head.index("prob")] = "0.999"
+    (copy / "predictions.csv").write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
+    m = json.loads((copy / "metrics.json").read_text())
+    import hashlib
+
+    m["predictions_sha256"] = hashlib.sha256((copy / "predictions.csv").read_bytes()).hexdigest()
+    (copy / "metrics.json").write_text(json.dumps(m))
+    done = subprocess.run([sys.executable, str(TOOL), str(copy)], capture_output=True, text=True)
+    assert done.returncode == 1 and "DISAGREE" in done.stdout
+
+
+def test_metrics_cover_splits_subgroups_border_and_paired_tests(evaluation):
+    out, metrics = evaluation
+    assert metrics["reference"] == "pg"
+    runs = metrics["runs"]
+    r = next(r for r in runs if r["model"] == "random_init" and r["split"] == "external"
+             and r["head"] == "linear")  # fmt: skip
+    assert set(r["subgroups"]) == {"site", "vendor", "scanner_model", "modality",
+                                   "protocol_border"}  # fmt: skip
+    assert set(r["subgroups"]["site"]) == {"site_d"}
+    vs = r["vs_reference"]
+    assert vs["reference"] == "pg"
+    assert ("p_value" in vs) or ("reason" in vs)
+    for run in runs:
+        o = run["overall"]
+        assert o["n"] == sum(s["n"] for s in run["subgroups"]["site"].values())
+        if o["auroc"]["value"] is not None and o["auroc"]["lo"] is not None:
+            assert o["auroc"]["lo"] <= o["auroc"]["value"] <= o["auroc"]["hi"]
+    context = json.loads((out / "context.json").read_text())
+    assert context["protocol_border"]["min_patients"] == 3
+    seeds = [a for a in metrics["across_seeds"] if a["label_fraction"] == 0.5]
+    assert seeds and all(a["seeds"] == [0, 1] for a in seeds)
+
+
+def test_report_and_plots_are_written(evaluation):
+    out, _ = evaluation
+    report = (out / "report.md").read_text()
+    for text in ("## Results: external split", "AUROC [95% CI]", "ECE-15", "Protocol-border",
+                 "Subgroups (bias audit)", "plots/roc_reliability_external.png"):  # fmt: skip
+        assert text in report
+    for name in ("roc_reliability_external", "auroc_vs_fraction_external",
+                 "auroc_by_vendor_external"):  # fmt: skip
+        assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_embeddings_are_cached_and_reused(evaluation, store, pg_workdir):
+    from pgjax.eval.embed import Model, cached_embeddings
+
+    out, _ = evaluation
+    cache = out / "embeddings"
+    items = load_items(store, TASK)
+    rows = np.concatenate([items.rows[items.where(s)] for s in (("train",), ("val",),
+                                                                TASK.test_splits)])  # fmt: skip
+    emb, built = cached_embeddings(Model("pg", pg_workdir), store, rows, cache)
+    assert built is None  # read from the cache: no model was built
+    assert emb["image"].shape[0] == len(rows) and "protocol" in emb
+
+
+# ---------------------------------------------------------------------------------------------
+# Card and commands
+
+
+def test_card_embeds_results_bias_table_and_audit(evaluation, pg_workdir, tmp_path):
+    from pgjax.cli import main
+
+    out, _ = evaluation
+    audit = tmp_path / "audit.json"
+    audit.write_text(json.dumps({"store": "S", "files_scanned": 3, "arrays_scanned": 8,
+                                 "identifiers": 10, "hits_total": 0, "hits": []}))  # fmt: skip
+    card = tmp_path / "card.md"
+    code = main(["card", "--workdir", str(pg_workdir), "--eval", str(out), "--name", "pg",
+                 "--audit", str(audit), "--out", str(card)])  # fmt: skip
+    assert code == 0
+    text = card.read_text()
+    for section in ("## Intended use", "## Training data", "by vendor:", "External validation",
+                    "### Calibration", "Bias audit", "## De-identification audit",
+                    "**Result: clean**", "## Known limits"):  # fmt: skip
+        assert section in text, section
+
+
+def test_eval_command_rejects_bad_input_clearly(pg_workdir, tmp_path, capsys):
+    from pgjax.cli import main
+
+    assert main(["eval", "--workdir", str(tmp_path), "--task", "cardiomegaly"]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert main(["eval", "--workdir", str(pg_workdir), "--task", "nope"]) == 2
+    assert "no task 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--workdir", str(pg_workdir), "--task", "cardiomegaly",
+                 "--heads", "linear,magic"]) == 2  # fmt: skip
+    assert "heads must be among" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow: fine-tuning and a sweep
+
+
+@pytest.mark.slow
+def test_finetune_runs_and_keeps_the_best_validation_step(evaluation, store, pg_workdir):
+    from pgjax.eval.embed import Embedder, Model
+
+    items = load_items(store, TASK)
+    # Validation on val + test: with this corpus and salt, val alone may hold one class.
+    tr, va, te = (items.where(s) for s in (("train",), ("val", "test"), ("external",)))
+    assert 0 < items.labels[va].sum() < len(va)
+    embedder = Embedder(Model("pg", pg_workdir), store, batch=8)
+    emb = embedder.embed(items.rows[np.concatenate([tr, va])])
+    x_tr, x_va = emb["image"][: len(tr)], emb["image"][len(tr) :]
+    probe = probe_lib.train_linear_probe(x_tr, items.labels[tr], items.columns["patient_key"][tr],
+                                         x_va, items.labels[va], (1e-2, 1.0))  # fmt: skip
+    result = probe_lib.finetune(
+        embedder, items.rows[tr], items.labels[tr], items.rows[va], items.labels[va],
+        items.rows[te], probe.raw_head(), steps=4, batch=8, lr=1e-4, head_lr=1e-2,
+        weight_decay=0.0, eval_every=2, seed=0,
+    )  # fmt: skip
+    assert result.probs.shape == (len(te),) and np.all((result.probs > 0) & (result.probs < 1))
+    assert result.val_losses
+    assert result.best_step == min(result.val_losses, key=result.val_losses.get)
+    # Step 0 is the linear probe itself (LP-FT): the same validation loss.
+    pv = np.clip(probe.predict(x_va), 1e-7, 1 - 1e-7)
+    y_va = items.labels[va]
+    probe_loss = -np.mean(y_va * np.log(pv) + (1 - y_va) * np.log(1 - pv))
+    assert result.val_losses[0] == pytest.approx(probe_loss, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_sweep_writes_one_table_with_reference_comparisons(store, tmp_path):
+    from pgjax.commands.eval import load_tasks_config
+    from pgjax.eval.sweep import run_sweep
+    from pgjax.train.config_lib import load_config
+
+    ablation = load_config(REPO / "configs" / "ablations" / "demo.py",
+                           ["steps=2", "seeds=0,", "label_fractions=1.0,"])  # fmt: skip
+    ablation.rows = tuple(r for r in ablation.rows if r["name"] in ("pg", "simclr"))
+    ablation.overrides = ("input.global_batch=8", "checkpoint_every=2")
+    tasks = load_tasks_config(None, ["metrics.n_boot=20", "metrics.subgroup_boot=10"])
+    result = run_sweep(ablation, str(store), tmp_path, tasks)
+    table = read_csv(tmp_path / "table.csv")
+    assert {r["model"] for r in table} == {"pg", "simclr", "random_init"}
+    assert all(r["p_value_vs_reference"] or r["model"] == "pg" or r["n_pos"] in ("0", "1")
+               for r in table)  # fmt: skip
+    assert "| pg | linear | 100% |" in (tmp_path / "table.md").read_text()
+    assert result["failed"] == []
