@@ -4,7 +4,8 @@ Synthesize a multi-site corpus (the last site is the external one; mostly chest 
 evaluation task), preprocess it into a store, audit the store for the corpus's identifiers,
 pretrain the tiny Protocol Genome config and the tiny image-only baselines (SimCLR, MAE), evaluate
 them and a random init on the held-out site at two label fractions (linear probe), write the
-model card, and print where everything is. Export joins when its issue lands (see EXPORT HOOK).
+model card, export the Protocol Genome encoders to PyTorch (with the parity check), and print
+where everything is.
 """
 
 from __future__ import annotations
@@ -133,8 +134,10 @@ def run(args) -> int:
     card = write_card(dict(trained)["pg"], eval_dirs=[eval_dir], audit=audit_json,
                       model_name="pg", out=work / "MODEL_CARD.md")  # fmt: skip
     lap("card", t0)
-    print("[7/7] export to PyTorch: not built yet")
-    export_hook(dict(trained)["pg"], work)
+    print("[7/7] exporting Protocol Genome to PyTorch (parity-checked)")
+    t0 = time.perf_counter()
+    exported = export_pg(dict(trained)["pg"], work / "export" / "pg")
+    lap("export", t0)
 
     counts = result["manifest"]["counts"]
     print()
@@ -159,24 +162,29 @@ def run(args) -> int:
         )
     print(f"report: {eval_dir / 'report.md'}")
     print(f"card:   {card}")
+    print(f"export: {exported}")
     total = time.perf_counter() - started
     print("time:   " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
           + f"; total {total:.0f} s")  # fmt: skip
-    return 1 if report.strong_hits_total or failed else 0
+    return 1 if report.strong_hits_total or failed or exported.startswith("FAILED") else 0
 
 
-# ============================== EXPORT HOOK ==============================================
-# The PyTorch export is another issue's work. When it lands, call it here on the pretrained
-# Protocol Genome workdir (e.g. write work / "export" / "pg.safetensors") and print the path.
-# Until then this prints that the step is missing; it never pretends to export.
-def export_hook(pg_workdir: Path, work: Path) -> None:
-    print(
-        "        (export issue open: no PyTorch weights written; see EXPORT HOOK in "
-        "pgjax/commands/demo.py)"
+def export_pg(pg_workdir: Path, out: Path) -> str:
+    """`pgjax export` of the demo's Protocol Genome run; a line for the summary."""
+    from pgjax.export.exporter import export
+    from pgjax.export.parity import ParityError
+    from pgjax.export.source import ExportError
+
+    if out.exists():
+        shutil.rmtree(out)  # the demo owns its workdir (see step 1)
+    try:
+        report = export(pg_workdir, out)
+    except (ExportError, ParityError) as e:
+        return f"FAILED: {e}"
+    return (
+        f"{out}  (PyTorch: modeling_pgjax.py + model.safetensors; parity max |torch - jax| "
+        f"{report['max_abs']:.1e}; `python -m pgjax.torch_infer FILES --model {out}`)"
     )
-
-
-# =========================================================================================
 
 
 def _configs_dir() -> Path:
