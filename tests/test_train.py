@@ -114,6 +114,7 @@ def test_every_tiny_config_learns(name, store, tmp_path):
     assert_learns(tmp_path, name)
 
 
+@pytest.mark.slow  # subsumed by the SIGKILL resume test below; kept for the slow suite
 def test_stop_and_resume_equals_uninterrupted(store, straight, tmp_path):
     from pgjax.train.train import train
 
