@@ -46,12 +46,19 @@ def _random_batch(config, info, image_shape, batch: int) -> dict:
     for f, (start, stop) in enumerate(info.field_ranges):
         if stop > start:
             tokens[:, f] = rng.integers(start, stop, size=batch)
-    return {
+    out = {
         "pixels": rng.integers(0, 255, size=(batch, *image_shape), dtype=np.uint8),
         "tokens": tokens,
         "values": rng.normal(size=tokens.shape).astype(np.float32),
         "value_mask": (rng.random(tokens.shape) < 0.5).astype(np.uint8),
     }
+    from pgjax.train.train import input_config
+
+    if input_config(config).partners:  # cross-series translation: every item has a partner
+        for name in ("tokens", "values", "value_mask"):
+            out[f"partner_{name}"] = np.roll(out[name], 1, axis=0)
+        out["has_partner"] = np.ones(batch, np.uint8)
+    return out
 
 
 def measure_step(config, info, image_shape, devices, steps: int) -> dict:
