@@ -37,6 +37,15 @@ def _or(x, default):
     return default if x is None else x
 
 
+def _save(plt, fig, plots: Path, name: str) -> str:
+    """Write a finished figure as plots/NAME at the report's resolution; its path for the
+    report."""
+    fig.tight_layout()
+    fig.savefig(plots / name, dpi=90)
+    plt.close(fig)
+    return f"plots/{name}"
+
+
 def _first_seed_runs(p: dict, split: str, head: str):
     """(model, fraction, seed) of each model's first seed at each fraction on a split."""
     out = {}
@@ -85,11 +94,9 @@ def write_plots(out: Path, p: dict, metrics: dict, context: dict) -> dict[str, s
                    ylabel="fraction positive", title=f"reliability, {split}", xlim=(0, 1),
                    ylim=(0, 1))  # fmt: skip
         ax_rel.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"roc_reliability_{split}.png"
-        fig.savefig(plots / name, dpi=90)
-        plt.close(fig)
-        figures[f"ROC and reliability ({split})"] = f"plots/{name}"
+        figures[f"ROC and reliability ({split})"] = _save(
+            plt, fig, plots, f"roc_reliability_{split}.png"
+        )
 
         # AUROC against label fraction
         fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -117,11 +124,9 @@ def write_plots(out: Path, p: dict, metrics: dict, context: dict) -> dict[str, s
                title=f"AUROC vs label fraction, {split}")  # fmt: skip
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"auroc_vs_fraction_{split}.png"
-        fig.savefig(plots / name, dpi=90)
-        plt.close(fig)
-        figures[f"AUROC vs label fraction ({split})"] = f"plots/{name}"
+        figures[f"AUROC vs label fraction ({split})"] = _save(
+            plt, fig, plots, f"auroc_vs_fraction_{split}.png"
+        )
 
         # Per-vendor AUROC bars, largest fraction
         fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -149,9 +154,7 @@ def write_plots(out: Path, p: dict, metrics: dict, context: dict) -> dict[str, s
         ax.set(ylabel="AUROC (DeLong 95% CI)", ylim=(0, 1),
                title=f"AUROC per vendor, {split}, {top:.0%} labels")  # fmt: skip
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"auroc_by_vendor_{split}.png"
-        fig.savefig(plots / name, dpi=90)
-        plt.close(fig)
-        figures[f"AUROC per vendor ({split})"] = f"plots/{name}"
+        figures[f"AUROC per vendor ({split})"] = _save(
+            plt, fig, plots, f"auroc_by_vendor_{split}.png"
+        )
     return figures

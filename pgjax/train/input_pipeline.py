@@ -79,23 +79,23 @@ class SeriesPartners:
         series_start = np.maximum.accumulate(np.where(new_series, np.arange(n), 0))
         study_len = np.diff(np.r_[np.flatnonzero(new_study), n])
         series_len = np.diff(np.r_[np.flatnonzero(new_series), n])
-        # Per sorted position: its study's and series' start and length.
+        # Per sorted position: its study's and series' start, its series' length, and its
+        # number of candidates (the study's other series).
         self.study_start = study_start
-        self.study_len = study_len[np.cumsum(new_study) - 1]
         self.series_start = series_start
         self.series_len = series_len[np.cumsum(new_series) - 1]
+        self.candidates = study_len[np.cumsum(new_study) - 1] - self.series_len
         self.rank = np.empty(n, np.int64)  # usable position -> sorted position
         self.rank[self.order] = np.arange(n)
 
     def count(self, positions: np.ndarray) -> np.ndarray:
         """Number of partner candidates of the items at these usable positions."""
-        r = self.rank[positions]
-        return self.study_len[r] - self.series_len[r]
+        return self.candidates[self.rank[positions]]
 
     def draw(self, positions: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(partner positions, has_partner) for items at usable positions, u uniform [0, 1)."""
         r = self.rank[positions]
-        count = self.study_len[r] - self.series_len[r]
+        count = self.candidates[r]
         j = np.minimum((u * count).astype(np.int64), np.maximum(count - 1, 0))
         before = self.series_start[r] - self.study_start[r]  # candidates before own series
         sorted_pos = self.study_start[r] + np.where(j < before, j, j + self.series_len[r])
