@@ -2,8 +2,9 @@
 
     python tools/profile_loader.py STORE [--batch 256] [--steps 30] [--top 15]
 
-Times, alternately, TensorStore's batched read of the same batches and the pipeline (Grain +
-TensorStore -> global arrays), then prints where the pipeline's main thread spends its time.
+Times, alternately, TensorStore's batched read of the same batches, the pipeline's batch source
+alone (`BatchSource[step]`, no Grain), and the pipeline (Grain + TensorStore -> global arrays),
+then prints where the pipeline's main thread spends its time.
 With 0 workers Grain reads on its own threads, so time the main thread spends waiting for a
 batch (`acquire` of a lock) is time the read itself takes. This is how the README's loader
 profile was taken.
@@ -38,6 +39,8 @@ def main() -> None:
     it, _ = make_iterator(cfg, 0)
     runs = {
         "TensorStore batched read": lambda s: pixels[source.global_rows(s)].read().result(),
+        # The pipeline's own batch read, no Grain and no device arrays: what Grain adds.
+        "batch source alone": lambda s: source[s],
         "pipeline (global arrays)": lambda s: jax.block_until_ready(to_global(next(it), sharding)),
     }
     rates = {k: [] for k in runs}

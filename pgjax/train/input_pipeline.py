@@ -116,6 +116,12 @@ class BatchSource:
         self.process_index, self.process_count = process_index, process_count
         table = st.open_store(cfg.store).group(cfg.group).table()
         self.rows, keep = _usable(table, cfg.splits)
+        if cfg.partners and not {"study_key", "series_key"} <= set(table):
+            raise ValueError(
+                f"{cfg.store}/{cfg.group}/table.csv: no study_key/series_key columns, which "
+                "series partners (cross-series translation) need; rebuild the store with "
+                "`pgjax preprocess` or set objectives.translation.series_weight=0"
+            )
         self.partners = (
             SeriesPartners(table["study_key"][keep], table["series_key"][keep])
             if cfg.partners
