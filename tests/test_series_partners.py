@@ -89,3 +89,18 @@ def test_two_processes_share_the_global_draw(synth_store):
     for step in (0, 1, 7):
         joined = np.concatenate([h.partner_rows(step)[0] for h in halves])
         np.testing.assert_array_equal(joined, whole.partner_rows(step)[0])
+
+
+def test_a_table_without_study_keys_is_a_clear_error(synth_store, tmp_path):
+    import shutil
+
+    from pgjax.data.store import read_csv_columns, write_csv_atomic
+
+    store = tmp_path / "store"
+    shutil.copytree(synth_store, store)
+    table = read_csv_columns(store / "images" / "table.csv")
+    kept = {k: list(v) for k, v in table.items() if k not in ("study_key", "series_key")}
+    write_csv_atomic(store / "images" / "table.csv", kept)
+    with pytest.raises(ValueError, match="table.csv: no study_key/series_key"):
+        BatchSource(InputConfig(str(store), global_batch=8, partners=True))
+    BatchSource(InputConfig(str(store), global_batch=8))  # without partners it is not needed
