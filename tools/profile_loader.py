@@ -1,10 +1,10 @@
 """Profile the training input pipeline (0 workers: everything in this process) with cProfile.
 
-    python tools/profile_loader.py STORE [--batch 256] [--steps 30] [--top 15]
+    python tools/profile_loader.py STORE [--batch 256] [--steps 30] [--rounds 5] [--top 15]
 
 Times, alternately, TensorStore's batched read of the same batches, the pipeline's batch source
-alone (`BatchSource[step]`, no Grain), and the pipeline (Grain + TensorStore -> global arrays),
-then prints where the pipeline's main thread spends its time.
+alone (`BatchSource[step]`, no Grain), and the pipeline (Grain + TensorStore -> global arrays)
+with 1 and 2 Grain read threads, then prints where the pipeline's main thread spends its time.
 With 0 workers Grain reads on its own threads, so time the main thread spends waiting for a
 batch (`acquire` of a lock) is time the read itself takes. This is how the README's loader
 profile was taken.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import pstats
 import time
 
@@ -29,6 +30,7 @@ def main() -> None:
     p.add_argument("store")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args()
     cfg = InputConfig(store=args.store, global_batch=args.batch)
@@ -37,15 +39,19 @@ def main() -> None:
     source._open()
     pixels = source._arrays["pixels"]
     it, _ = make_iterator(cfg, 0)
+    it2, _ = make_iterator(dataclasses.replace(cfg, read_threads=2), 0)
     runs = {
         "TensorStore batched read": lambda s: pixels[source.global_rows(s)].read().result(),
         # The pipeline's own batch read, no Grain and no device arrays: what Grain adds.
         "batch source alone": lambda s: source[s],
         "pipeline (global arrays)": lambda s: jax.block_until_ready(to_global(next(it), sharding)),
+        "pipeline, 2 read threads": lambda s: jax.block_until_ready(
+            to_global(next(it2), sharding)
+        ),
     }
     rates = {k: [] for k in runs}
     step = 0
-    for _ in range(3):
+    for _ in range(args.rounds):
         for name, fn in runs.items():
             fn(step)
             start = time.perf_counter()
@@ -61,8 +67,9 @@ def main() -> None:
         jax.block_until_ready(to_global(next(it), sharding))
     profile.disable()
     pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
-    if hasattr(it, "close"):
-        it.close()
+    for i in (it, it2):
+        if hasattr(i, "close"):
+            i.close()
 
 
 if __name__ == "__main__":

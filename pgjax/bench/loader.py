@@ -292,8 +292,8 @@ def run_bench(
     overrides=(),
     batch: int | None = None,
     workers=(0, 1, 2),
-    steps: int = 20,
-    rounds: int = 3,
+    steps: int = 60,
+    rounds: int = 5,
     reference_images: int = 8192,
     reference_size: int = 256,
     compression: str = "none",
@@ -329,7 +329,6 @@ def run_bench(
             f"{manifest['arrays'][f'{base.group}/pixels']}, batch {base.global_batch}"
         )
         mm = flat_copy(source._arrays["pixels"], workdir / "pixels.npy")
-        steps = min(steps, max(1, source.steps_per_epoch - 3))
         mesh = mesh_lib.make_mesh(-1, 1)
         sharding = mesh_lib.batch_sharding(mesh)
         fn, aug_cfg = augment_fn(config)

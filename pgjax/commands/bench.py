@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="config whose augmentation, batch and train record are used")  # fmt: skip
     lo.add_argument("--batch", type=int, help="global batch (default: the config's)")
     lo.add_argument("--workers", default="0,1,2,all", help="Grain worker counts to measure")
-    lo.add_argument("--steps", type=int, default=20, help="timed batches per measurement")
-    lo.add_argument("--rounds", type=int, default=3, help="rounds of limits + pipeline")
+    lo.add_argument("--steps", type=int, default=60, help="timed batches per measurement")
+    lo.add_argument("--rounds", type=int, default=5, help="rounds of limits + pipeline")
     lo.add_argument("--images", type=int, default=8192, help="reference store: images")
     lo.add_argument("--size", type=int, default=256, help="reference store: image side")
     lo.add_argument("--compression", choices=["none", "zstd"], default="none",

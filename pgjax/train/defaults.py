@@ -26,8 +26,12 @@ def base_config() -> ml_collections.ConfigDict:
         group="images",  # or "volumes" with a 3D encoder
         splits=("train",),
         global_batch=256,
-        workers=2,  # Grain worker processes per host (spawned)
-        prefetch=2,
+        # Grain worker processes per host (spawned). 0: TensorStore reads each batch on its own
+        # threads in the training process; a worker adds a shared-memory copy of every batch,
+        # which cost more than it saved in `pgjax bench loader` (benchmarks/README.md).
+        workers=0,
+        prefetch=2,  # batches read ahead per process
+        read_threads=1,  # Grain threads issuing those reads (TensorStore parallelises each)
     )
     c.model = dict(
         image_encoder="vit_b/16",

@@ -18,7 +18,9 @@ Speed (`pgjax bench loader`): TensorStore writes each batch straight into a fres
 aligned buffer (no copy after the read, and on a CPU backend JAX then uses the buffer as is
 instead of copying it), and the small per-row token arrays are held in memory when they fit
 `token_cache_mb`: stored one row per chunk, reading them through TensorStore costs almost as
-much per row as a 64 KiB image.
+much per row as a 64 KiB image. One Grain thread reads ahead (`read_threads`): a record is a
+whole batch and TensorStore already reads its chunks in parallel, so more threads only compete
+with it for the cores (`python tools/profile_loader.py STORE` compares 1 and 2).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class InputConfig:
     seed: int = 0
     workers: int = 0  # Grain worker processes (spawned); 0 reads in the training process
     prefetch: int = 2  # batches read ahead (in flight or buffered) per worker
+    read_threads: int = 1  # Grain threads issuing those reads, per worker
     # Token arrays (tokens, values, value_mask) of the group held in memory per process when
     # together they take at most this many MiB (31 fields: ~280 MiB per million rows).
     token_cache_mb: int = 512
@@ -235,8 +238,8 @@ def make_iterator(cfg: InputConfig, start_step: int, process_index=0, process_co
     source = BatchSource(cfg, process_index, process_count)
     ds = grain.MapDataset.range(start_step, np.iinfo(np.int32).max).map(source.__getitem__)
     # Grain's default read-ahead is 500 records on 16 threads: 500 batches of 256 images of
-    # 256x256 would be 8 GiB per process. A few batches in flight keep TensorStore busy.
-    read = grain.ReadOptions(num_threads=cfg.prefetch, prefetch_buffer_size=cfg.prefetch)
+    # 256x256 would be 8 GiB per process. A few batches ahead keep TensorStore busy.
+    read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
     it_ds = ds.to_iter_dataset(read)
     if cfg.workers > 0:
         _absl_flags_parsed()

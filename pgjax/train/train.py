@@ -44,7 +44,8 @@ def input_config(config) -> InputConfig:
     partners = t.get("weight", 0) > 0 and t.get("series_weight", 0) > 0
     return InputConfig(
         store=str(i.store), group=i.group, splits=tuple(i.splits), global_batch=i.global_batch,
-        seed=config.seed, workers=i.workers, prefetch=i.prefetch, partners=partners,
+        seed=config.seed, workers=i.workers, prefetch=i.prefetch,
+        read_threads=i.get("read_threads", 1), partners=partners,
     )  # fmt: skip
 
 
