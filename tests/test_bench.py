@@ -52,11 +52,15 @@ def test_train_bench_on_a_store(tmp_path):
         steps=2,
         batches=[16],
         device_counts=[8],
+        image_sizes=[16],
         out_dir=tmp_path / "results",
     )
-    run = json.loads(Path(path).read_text())["figures"]["runs"][0]
+    run, small = json.loads(Path(path).read_text())["figures"]["runs"]
     assert run["devices"] == 8 and run["steps_per_s"] > 0 and run["flops_per_step"] > 0
     assert 0 <= run["host_overhead_share"] <= 1 and run["mfu"] is None  # no CPU peak
+    # The image-size sweep: a quarter of the pixels, fewer FLOPs; no store loop at that size.
+    assert small["image_shape"] == [16, 16] and "host_overhead_share" not in small
+    assert small["flops_per_step"] < run["flops_per_step"]
 
 
 def test_loader_bench_writes_a_record_and_the_report_reads_it(tmp_path):
@@ -106,3 +110,17 @@ def test_loader_bench_writes_a_record_and_the_report_reads_it(tmp_path):
     assert f["needed"]["images_per_s"] == 50.0 and f["needed"]["match"] != "same config"
     report = write_report(results).read_text()
     assert "Input pipeline" in report and record["time_utc"] in report
+
+
+def test_train_sweep_is_one_factor_at_a_time():
+    from pgjax.bench.train import sweep_points
+
+    points = sweep_points(8, 32, [128, 128], [1, 8], [16, 32], [64])
+    assert points == [
+        (8, 32, (128, 128)),  # the base point first, never repeated
+        (1, 32, (128, 128)),
+        (8, 16, (128, 128)),
+        (8, 32, (64, 64)),
+    ]
+    # A volume store: the image side applies to the in-plane axes only.
+    assert sweep_points(1, 4, [16, 64, 64], [], [], [32])[1] == (1, 4, (16, 32, 32))

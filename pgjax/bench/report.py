@@ -10,7 +10,7 @@ PRE_HEADER = (
     "| pipeline files/s | ratio |"
 )
 TRAIN_HEADER = (
-    "| time (UTC) | machine | config | devices | global batch | steps/s | images/s "
+    "| time (UTC) | machine | config | devices | global batch | image | steps/s | images/s "
     "| GFLOP/step | MFU | host overhead |"
 )
 
@@ -53,13 +53,19 @@ def _train_rows(r: dict) -> list[str]:
     for run in r["figures"]["runs"]:
         mfu = f"{run['mfu']:.1%}" if run.get("mfu") else "n/a"
         host = run.get("host_overhead_share")
+        shape = "x".join(map(str, _image_shape(r, run)))
         rows.append(
             f"| {r['time_utc']} | {_machine(r)} | {r['settings']['config']} | "
-            f"{run['devices']} | {run['global_batch']} | {run['steps_per_s']:.2f} | "
+            f"{run['devices']} | {run['global_batch']} | {shape} | {run['steps_per_s']:.2f} | "
             f"{run['images_per_s']:.1f} | {run['flops_per_step'] / 1e9:.2f} | {mfu} | "
             f"{'n/a' if host is None else f'{host:.1%}'} |"
         )
     return rows
+
+
+def _image_shape(r: dict, run: dict) -> list:
+    # Records before the image-size sweep hold one shape, in their settings.
+    return run.get("image_shape") or r["settings"].get("image_shape") or ["?"]
 
 
 def _export_rows(r: dict) -> list[str]:
@@ -132,22 +138,45 @@ def write_report(results_dir: str | Path = "benchmarks/results") -> Path:
 
 
 def _plot(records: list[dict], path: Path) -> None:
-    runs = [run for r in records if r["benchmark"] == "train" for run in r["figures"]["runs"]]
-    if not runs:
+    """Step time against devices, global batch and image side: for each, the runs of each
+    record that differ from the record's base point (its first run) in that factor alone."""
+    series = {"devices": [], "global batch": [], "image side": []}
+    for r in records:
+        if r["benchmark"] != "train":
+            continue
+        runs = [(run, _image_shape(r, run)[-1]) for run in r["figures"]["runs"]]
+        base, side = runs[0]
+        label = f"{r['settings']['config']}, {r['time_utc'][:10]}"
+        for name, key in (("devices", "devices"), ("global batch", "global_batch")):
+            pts = [
+                (run[key], 1 / run["steps_per_s"])
+                for run, s in runs
+                if s == side
+                and all(run[k] == base[k] for k in ("devices", "global_batch") if k != key)
+            ]
+            series[name].append((label, pts))
+        pts = [
+            (s, 1 / run["steps_per_s"])
+            for run, s in runs
+            if run["devices"] == base["devices"] and run["global_batch"] == base["global_batch"]
+        ]
+        series["image side"].append((label, pts))
+    if not any(len(pts) > 1 for lines in series.values() for _, pts in lines):
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for b in sorted({r["global_batch"] for r in runs}):
-        pts = sorted((r["devices"], r["images_per_s"]) for r in runs if r["global_batch"] == b)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=f"batch {b}")
-    ax.set_xlabel("devices")
-    ax.set_ylabel("images/s")
-    ax.set_title("train step throughput")
-    ax.legend()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, (name, lines) in zip(axes, series.items(), strict=True):
+        for label, pts in lines:
+            if len(pts) > 1:
+                ax.plot(*zip(*sorted(set(pts)), strict=True), marker="o", label=label)
+        ax.set_xlabel(name)
+        ax.set_ylabel("step time (s)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("train step time, one factor at a time")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -4,7 +4,10 @@ Measured:
 - the compiled step alone, on one device-resident batch (the compute limit);
 - the real loop with batches from the store through Grain (when a store is given): the
   difference is host overhead, the share of step time spent outside the compiled step;
-- the same at other global batch sizes and device counts (a sub-mesh of the devices).
+- how that grows with the number of devices (a sub-mesh), the global batch and the image size,
+  one factor at a time from the base point (all devices, the config's batch, the store's image
+  size). On a CPU, fake devices come from
+  XLA_FLAGS=--xla_force_host_platform_device_count=8, set before the command starts.
 
 FLOPs come from XLA's cost analysis of the compiled step (per device: the SPMD program one
 device runs); MFU divides them by the step time and the device's peak dense bf16 FLOP/s, where
@@ -140,7 +143,19 @@ def measure_loop(config, m: dict, steps: int) -> dict:
     }
 
 
-def run_bench(config_path: str, overrides, *, steps: int, batches, device_counts, out_dir):
+def sweep_points(n_all: int, batch: int, shape, device_counts, batches, image_sizes) -> list:
+    """(devices, global batch, image shape) settings: the base point, then one factor at a time."""
+    shape = tuple(shape)
+    points = [(n_all, batch, shape)]
+    points += [(n, batch, shape) for n in device_counts]
+    points += [(n_all, b, shape) for b in batches]
+    points += [(n_all, batch, (*shape[:-2], s, s)) for s in image_sizes]
+    return list(dict.fromkeys(points))
+
+
+def run_bench(
+    config_path: str, overrides, *, steps: int, batches, device_counts, out_dir, image_sizes=()
+):
     from pgjax.train.config_lib import load_config
     from pgjax.train.train import protocol_info
 
@@ -153,25 +168,29 @@ def run_bench(config_path: str, overrides, *, steps: int, batches, device_counts
     image_shape = manifest["arrays"][f"{config.input.group}/pixels"]["shape"][1:]
     devices = jax.devices()
     results = []
-    for n in device_counts or [len(devices)]:
-        for b in batches or [config.input.global_batch]:
-            c = load_config(config_path, [*overrides, f"input.global_batch={b}"])
-            m = measure_step(c, info, image_shape, devices[:n], steps)
-            row = {k: v for k, v in m.items() if k not in ("state", "compiled", "setup")}
-            if n == len(devices) and jax.process_count() == 1:
-                row.update(measure_loop(c, m, steps))
-            results.append(row)
-            print(
-                f"devices={n} batch={b}: {row['steps_per_s']:.2f} steps/s, "
-                f"{row['images_per_s']:.1f} images/s, {row['flops_per_step'] / 1e9:.1f} GFLOP/step"
-                + (f", MFU {row['mfu']:.1%}" if row["mfu"] else "")
-                + (
-                    f", host overhead {row['host_overhead_share']:.1%}"
-                    if "host_overhead_share" in row
-                    else ""
-                )
+    points = sweep_points(
+        len(devices), config.input.global_batch, image_shape, device_counts, batches, image_sizes
+    )
+    for n, b, shape in points:
+        c = load_config(config_path, [*overrides, f"input.global_batch={b}"])
+        m = measure_step(c, info, list(shape), devices[:n], steps)
+        row = {k: v for k, v in m.items() if k not in ("state", "compiled", "setup")}
+        row["image_shape"] = list(shape)
+        if n == len(devices) and list(shape) == list(image_shape) and jax.process_count() == 1:
+            row.update(measure_loop(c, m, steps))  # the store's images: the real loop too
+        results.append(row)
+        print(
+            f"devices={n} batch={b} image={'x'.join(map(str, shape))}: "
+            f"{row['steps_per_s']:.2f} steps/s, {row['images_per_s']:.1f} images/s, "
+            f"{row['flops_per_step'] / 1e9:.1f} GFLOP/step"
+            + (f", MFU {row['mfu']:.1%}" if row["mfu"] else "")
+            + (
+                f", host overhead {row['host_overhead_share']:.1%}"
+                if "host_overhead_share" in row
+                else ""
             )
-            del m
+        )
+        del m
     settings = {
         "config": config_path,
         "overrides": list(overrides),

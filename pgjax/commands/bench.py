@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--steps", type=int, default=10, help="timed steps per setting")
     tr.add_argument("--batches", default="", help="global batch sizes to sweep, e.g. 8,16,32")
     tr.add_argument("--devices", default="", help="device counts to sweep, e.g. 1,2,4,8")
+    tr.add_argument("--image-sizes", default="", help="image sides to sweep, e.g. 64,128,256")
     tr.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
     ex = sub.add_parser("export", help="PyTorch CPU inference items/s beside the JAX model's")
     src = ex.add_mutually_exclusive_group(required=True)
@@ -74,7 +75,8 @@ def run(args) -> int:
 
         path = run_train_bench(
             args.config, args.extra, steps=args.steps, batches=_ints(args.batches),
-            device_counts=_ints(args.devices), out_dir=args.out,
+            device_counts=_ints(args.devices), image_sizes=_ints(args.image_sizes),
+            out_dir=args.out,
         )  # fmt: skip
         print(f"record: {path}")
     elif args.bench == "export":
