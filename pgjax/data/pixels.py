@@ -264,7 +264,7 @@ def _values01_or_raw(
         return _display_grey(frames)
     if modality == "US":
         return _display_grey(frames)
-    values = np.nan_to_num(modality_values(frames, ds, indices))
+    values = _finite(modality_values(frames, ds, indices))
     if modality == "CT":
         center, width = cfg.ct_window
         return _window_linear_exact(values, center, width), False
@@ -275,6 +275,11 @@ def _values01_or_raw(
     return values, True
 
 
+def _finite(values: np.ndarray) -> np.ndarray:
+    """np.nan_to_num(values), skipped when every value is finite (nearly always; it is slow)."""
+    return values if np.isfinite(values).all() else np.nan_to_num(values)
+
+
 def _display_grey(frames: np.ndarray) -> tuple[np.ndarray, bool]:
     """Display-referred data (colour, ultrasound): luma, /255 when it is 8-bit."""
     eight_bit = frames.dtype == np.uint8
@@ -283,7 +288,7 @@ def _display_grey(frames: np.ndarray) -> tuple[np.ndarray, bool]:
         grey = grey @ _LUMA
     if eight_bit:
         return grey / 255.0, False
-    return np.nan_to_num(grey), True
+    return _finite(grey), True
 
 
 def _apply_header_voi(values: np.ndarray, ds: Dataset, indices: Sequence[int]) -> np.ndarray | None:
@@ -445,7 +450,9 @@ def quantize(img01: np.ndarray, dtype: str) -> np.ndarray:
     scales = {"uint8": 255.0, "uint16": 65535.0}
     if dtype not in scales:
         raise ValueError(f"dtype must be uint8 or uint16, not {dtype!r}")
-    img = np.clip(np.nan_to_num(np.asarray(img01, dtype=np.float32)), 0.0, 1.0)
+    # fmax/fmin skip NaN (NaN -> 0) and clip +-inf to 1/0: np.clip(np.nan_to_num(x), 0, 1)
+    # in two passes instead of six.
+    img = np.fmin(np.fmax(np.asarray(img01, dtype=np.float32), 0.0), 1.0)
     return np.rint(img * scales[dtype]).astype(dtype)
 
 

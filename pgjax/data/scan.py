@@ -64,11 +64,17 @@ class ScanRecord:
         return self.reason is None
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        # A plain dict of the fields, not dataclasses.asdict: that deep-copies every protocol
+        # value and geometry list, which cost more than reading the header. The values are
+        # already JSON types; callers serialise the dict, they do not mutate it.
+        return {f: getattr(self, f) for f in _RECORD_FIELDS}
 
     @classmethod
     def from_json(cls, obj: dict) -> ScanRecord:
         return cls(**obj)
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(ScanRecord))
 
 
 def list_files(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
