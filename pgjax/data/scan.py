@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from pgjax.data.deid import hash_key, quiet_pydicom
 from pgjax.data.pixels import frame_geometry
-from pgjax.data.protocol import normalize_text, read_protocol
+from pgjax.data.protocol import ascii_text_safe, normalize_text, raw_text, read_protocol
 from pgjax.data.schema import Schema
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -178,11 +178,19 @@ def _pixel_problem(path: str, ds) -> str | None:
 def _identifying_words(ds) -> set[str]:
     """Normalised words of this header's names and IDs (3+ characters; shorter ones are noise)."""
     words = set()
+    text_ok = ascii_text_safe(ds)
     for keyword in PERSON_NAME_KEYWORDS + ID_KEYWORDS:
-        value = ds.get(keyword)
-        if value is None:
-            continue
-        values = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+        # The raw text when it is plain ASCII: its "\\" between values and "^" between name
+        # parts become spaces below, so the words are those of pydicom's values, one by one.
+        text = raw_text(ds, keyword, text_ok)
+        if text is not None:
+            values = [text]
+        else:
+            value = ds.get(keyword)
+            if value is None:
+                continue
+            multi = (list, tuple, pydicom.multival.MultiValue)
+            values = value if isinstance(value, multi) else [value]
         for v in values:
             text = normalize_text(str(v).replace("^", " "), freetext=True)
             words.update(w for w in text.split() if len(w) >= 3)
