@@ -475,7 +475,14 @@ def preprocess_frames(
 
     Resizing uses each frame's pixel spacing, so letterboxing keeps the physical aspect.
     """
-    images = normalized_frames(ds, frames, cfg)
+    return images_from_frames(decode_frames(ds, frames), ds, frames, cfg)
+
+
+def images_from_frames(
+    pixels: np.ndarray, ds: Dataset, frames: Sequence[int] | None, cfg: PreprocessConfig
+) -> np.ndarray:
+    """`preprocess_frames` after decoding: `pixels` are decode_frames(ds, frames)."""
+    images = normalize_frames(pixels, ds, cfg, indices=frames)
     indices = list(range(len(images))) if frames is None else [int(i) for i in frames]
     geometry = frame_geometry(ds)
     out = np.empty((len(images), *cfg.image_size), dtype=cfg.dtype)
