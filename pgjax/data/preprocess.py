@@ -43,7 +43,9 @@ from pgjax.data.schema import Schema
 from pgjax.data.tokenizer import MISSING
 from pgjax.progress import Progress
 
-FILES_PER_SCAN_CHUNK = 512
+# Small enough that a few workers share even a small corpus evenly (a chunk is one process task
+# and one JSON file), large enough that a million files make a few thousand chunk files.
+FILES_PER_SCAN_CHUNK = 128
 PHASES = ("scan", "plan", "pixels", "finalize")
 
 
@@ -173,7 +175,8 @@ def phase_scan(inputs, ws: Workspace, schema: Schema, cfg, salt, *, workers=1, s
     if not files:
         raise ValueError(f"no files under {', '.join(map(str, inputs))}")
     listing = [(r, p, os.path.getsize(p), os.stat(p).st_mtime_ns) for r, p in files]
-    digest = _digest([listing, schema.to_json(), cfg.site_from])
+    # The chunk size is part of the digest: chunk files of another size are other files' records.
+    digest = _digest([listing, schema.to_json(), cfg.site_from, FILES_PER_SCAN_CHUNK])
     listing_path = ws.scan_dir / "listing.json"
     if listing_path.exists() and json.loads(listing_path.read_text()).get("digest") != digest:
         # Inputs or settings changed: earlier chunks describe other files. Start over.
