@@ -456,7 +456,7 @@ def _unit_done_path(ws: Workspace, group: str, u: int) -> Path:
 
 # Slice hand-over. Most 2D rows of a CT/MR series are slices of its volume, and the volume
 # unit reads and decodes every slice anyway: it makes those 2D rows too and leaves them in
-# PRIVATE/units/slices-UNIT.npz, and the image unit takes them from there instead of reading
+# PRIVATE/units/slices-UNIT.npy, and the image unit takes them from there instead of reading
 # and decoding the file a second time (a pydicom parse and decode cost about as much as
 # everything else done to a small slice). The side file is a cache, not a dependency: an
 # image unit makes any row it does not find there itself, by the same code, so the store is
@@ -468,7 +468,7 @@ def _unit_done_path(ws: Workspace, group: str, u: int) -> Path:
 
 
 def _slices_path(ws: Workspace, u: int) -> Path:
-    return ws.units_dir / f"slices-{u:06d}.npz"
+    return ws.units_dir / f"slices-{u:06d}.npy"
 
 
 def _save_slices(ws: Workspace, u: int, made: dict[int, np.ndarray]) -> None:
@@ -476,8 +476,9 @@ def _save_slices(ws: Workspace, u: int, made: dict[int, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     rows = sorted(made)
-    with open(tmp, "wb") as f:
-        np.savez(f, rows=np.asarray(rows, dtype=np.int64), images=np.stack([made[r] for r in rows]))
+    with open(tmp, "wb") as f:  # two plain .npy records (an .npz would checksum every byte)
+        np.save(f, np.asarray(rows, dtype=np.int64))
+        np.save(f, np.stack([made[r] for r in rows]))
     os.replace(tmp, path)
 
 
@@ -487,9 +488,9 @@ def _load_slices(ws: Workspace, rows: list[dict], start: int) -> dict[int, np.nd
     found = {}
     for u in sorted(set(wanted.values())):
         try:
-            with np.load(_slices_path(ws, u)) as f:
-                found.update(zip(f["rows"].tolist(), f["images"], strict=True))
-        except (OSError, ValueError, KeyError):
+            with open(_slices_path(ws, u), "rb") as f:
+                found.update(zip(np.load(f).tolist(), np.load(f), strict=True))
+        except (OSError, ValueError, EOFError):
             continue  # not made (yet, or here): the image unit makes those rows itself
     return {k - start: found[k] for k in wanted if k in found}
 
@@ -601,7 +602,7 @@ def phase_finalize(ws: Workspace) -> dict:
         "failed_items": failed_counts,
     }
     st.write_json_atomic(ws.store / "report.json", report)
-    for path in ws.units_dir.glob("slices-*.npz"):  # the slice hand-over is done
+    for path in ws.units_dir.glob("slices-*.npy"):  # the slice hand-over is done
         path.unlink()
     manifest["state"] = "complete"
     manifest["counts"].update(
