@@ -462,3 +462,41 @@ def test_fast_reader_serves_plain_headers(monkeypatch):
     monkeypatch.setattr(protocol, "_fast_value", counting)
     read_protocol(_fresh(get_testdata_file("CT_small.dcm")), SCHEMA)
     assert sum(served) >= 15 and all(served)  # every present field of a plain CT header
+
+
+def test_single_text_equals_pydicom(monkeypatch):
+    """scan.single_text (identity UIDs, PatientID, Modality) reads plain values from the raw
+    bytes; it must give what str(ds.get(k) or "").strip() gives, for every file and value."""
+    import random
+
+    from pgjax.data.scan import single_text
+
+    keywords = {"SOPInstanceUID": "UI", "StudyInstanceUID": "UI", "PatientID": "LO",
+                "Modality": "CS", "AccessionNumber": "SH"}  # fmt: skip
+
+    def both(ds):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about the malformed values
+            ok = protocol.ascii_text_safe(ds)
+            fast = {k: single_text(ds, k, ok) for k in keywords}
+            slow = {k: str(ds.get(k, "") or "").strip() for k in keywords}
+        return fast, slow
+
+    for path in _testdata_headers():
+        fast, slow = both(_fresh(path))
+        assert fast == slow, path
+    rng = random.Random(3)
+    for trial in range(300):
+        ds = Dataset()
+        charset = rng.choice(CHARSETS)
+        if charset is not None:
+            ds[0x00080005] = RawDataElement(0x00080005, "CS", len(charset), charset, 0, False, True)
+        for keyword, vr in keywords.items():
+            value = b"".join(
+                rng.choices(PIECES + [b"1.2.840.10008", b" ", b"\\x00"], k=rng.randrange(4))
+            )
+            tag = tag_for_keyword(keyword)
+            ds[tag] = RawDataElement(tag, None if trial % 3 == 0 else vr, len(value), value, 0,
+                                     trial % 3 == 0, True)  # fmt: skip
+        fast, slow = both(ds)
+        assert fast == slow, ds

@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
 from pgjax.data.deid import hash_key, quiet_pydicom
@@ -39,6 +41,7 @@ PERSON_NAME_KEYWORDS = (
 )  # fmt: skip
 ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName")
 REDACTED = "<REDACTED>"
+_SINGLE_TEXT_VRS = frozenset({"CS", "LO", "SH"})
 
 
 @dataclasses.dataclass
@@ -197,6 +200,24 @@ def _identifying_words(ds) -> set[str]:
     return words
 
 
+def single_text(ds, keyword: str, text_ok: bool) -> str:
+    """str(ds.get(keyword, "") or "").strip(), straight from the raw bytes when they hold one
+    printable ASCII value of a string VR (pydicom's conversion, which validates every UID with a
+    regex, cost more than the rest of the identity); through pydicom otherwise. text_ok: the
+    character set leaves ASCII alone (protocol.ascii_text_safe); UIDs are ASCII by definition.
+    """
+    tag = tag_for_keyword(keyword)
+    elem = ds.get_item(tag, keep_deferred=True)
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        vr = elem.VR or dictionary_VR(tag)
+        if (vr == "UI" or (text_ok and vr in _SINGLE_TEXT_VRS)) and elem.value.isascii():
+            text = elem.value.decode("ascii")
+            # A backslash makes pydicom's value a list, whose str() is another string.
+            if text.isprintable() and "\\" not in text:
+                return text.strip()
+    return str(ds.get(keyword, "") or "").strip()
+
+
 def redact_free_text(protocol: dict, ds, schema: Schema) -> dict:
     """Free text that contains a name or ID from its own header is replaced by <REDACTED>.
 
@@ -231,12 +252,13 @@ def _scan_file(root, path, schema, salt, site_from) -> ScanRecord:
         reason = _pixel_problem(path, ds)
         if reason:
             return ScanRecord(path=path, reason=reason)
-        sop = str(ds.get("SOPInstanceUID", "") or "").strip()
+        text_ok = ascii_text_safe(ds)
+        sop = single_text(ds, "SOPInstanceUID", text_ok)
         if not sop:
             return ScanRecord(path=path, reason="no SOPInstanceUID (cannot identify the instance)")
-        study = str(ds.get("StudyInstanceUID", "") or "").strip()
-        series = str(ds.get("SeriesInstanceUID", "") or "").strip()
-        patient = str(ds.get("PatientID", "") or "").strip()
+        study = single_text(ds, "StudyInstanceUID", text_ok)
+        series = single_text(ds, "SeriesInstanceUID", text_ok)
+        patient = single_text(ds, "PatientID", text_ok)
         # Missing identity degrades to the next level up, each in its own namespace, so an
         # instance without a PatientID is its own "patient" rather than everyone's.
         study = study or f"no-study:{series or sop}"
@@ -255,7 +277,7 @@ def _scan_file(root, path, schema, salt, site_from) -> ScanRecord:
             study_key=hash_key(salt, "study", study),
             series_key=hash_key(salt, "series", series),
             instance_key=hash_key(salt, "instance", sop),
-            modality=normalize_text(str(ds.get("Modality", "") or "")) or "OT",
+            modality=normalize_text(single_text(ds, "Modality", text_ok)) or "OT",
             manufacturer=protocol.get("Manufacturer"),
             n_frames=max(1, len(geometry)),
             protocol=protocol,
