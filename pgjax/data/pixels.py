@@ -452,8 +452,10 @@ def quantize(img01: np.ndarray, dtype: str) -> np.ndarray:
         raise ValueError(f"dtype must be uint8 or uint16, not {dtype!r}")
     # fmax/fmin skip NaN (NaN -> 0) and clip +-inf to 1/0: np.clip(np.nan_to_num(x), 0, 1)
     # in two passes instead of six.
-    img = np.fmin(np.fmax(np.asarray(img01, dtype=np.float32), 0.0), 1.0)
-    return np.rint(img * scales[dtype]).astype(dtype)
+    img = np.fmax(np.asarray(img01, dtype=np.float32), 0.0)  # a new array: the rest in place
+    np.fmin(img, 1.0, out=img)
+    img *= scales[dtype]
+    return np.rint(img, out=img).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------
