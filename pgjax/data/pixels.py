@@ -8,12 +8,15 @@ Runs in spawned preprocessing workers, so it imports numpy, pydicom and Pillow o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import (
     apply_color_lut,
@@ -633,11 +636,39 @@ def _valid_spacing(spacing: Sequence[float] | None) -> tuple[float, float] | Non
     return row_mm, col_mm
 
 
+# Geometry and windows are DS values. pydicom's conversion of one costs ~40 us, and ends, for
+# every outcome the readers below act on, in float() of each backslash-separated component
+# (DSfloat or, for a value it does not accept, the plain string); so for plain numeric text the
+# components are taken from the raw bytes. tests/test_pixels.py compares both ways.
+_DS_CHARS = frozenset("0123456789+-.eE\\ ")
+
+
+def _raw_ds_items(ds: Dataset, keyword: str) -> list[str] | None:
+    """A DS element's components straight from its raw bytes, or None: ask pydicom."""
+    tag = _tag(keyword)
+    elem = ds.get_item(tag, keep_deferred=True)
+    if not isinstance(elem, RawDataElement) or not isinstance(elem.value, bytes) or not elem.value:
+        return None
+    if (elem.VR or dictionary_VR(tag)) != "DS" or not elem.value.isascii():
+        return None
+    text = elem.value.decode("ascii")
+    return text.split("\\") if _DS_CHARS.issuperset(text) else None
+
+
+@functools.cache
+def _tag(keyword: str) -> int:
+    return tag_for_keyword(keyword)
+
+
 def _floats(ds: Dataset | None, keyword: str, count: int) -> tuple[float, ...] | None:
     """Exactly `count` finite numbers from a multi-valued element, else None."""
     if ds is None:
         return None
+    items = _raw_ds_items(ds, keyword)
     try:
+        if items is not None:
+            numbers = tuple(float(v) for v in items)
+            return _finite_count(numbers, count)
         value = ds.get(keyword)
         if value is None or isinstance(value, bytes):
             return None
@@ -645,6 +676,10 @@ def _floats(ds: Dataset | None, keyword: str, count: int) -> tuple[float, ...] |
         numbers = tuple(float(v) for v in values)
     except Exception:  # non-numeric strings, odd VRs: "malformed" is all we need to know
         return None
+    return _finite_count(numbers, count)
+
+
+def _finite_count(numbers: tuple[float, ...], count: int) -> tuple[float, ...] | None:
     if len(numbers) != count or not all(math.isfinite(v) for v in numbers):
         return None
     return numbers
@@ -654,8 +689,9 @@ def _first_float(ds: Dataset | None, keyword: str) -> float | None:
     """The first value of a possibly multi-valued numeric element (e.g. WindowCenter)."""
     if ds is None:
         return None
+    items = _raw_ds_items(ds, keyword)
     try:
-        value = ds.get(keyword)
+        value = items[0] if items is not None else ds.get(keyword)
         if value is None or value == "":
             return None
         if not isinstance(value, (str, int, float)):
