@@ -417,7 +417,13 @@ def _write_unit_plans(ws, group, plan, records, ranges, handover, volumes_per_un
     for k, v in sorted(handover.items()):
         it = plan.images[k]
         by_volume[v].append([k, records[it.record].path, it.frame])
+    consumers = defaultdict(set)  # volume unit -> the image units that take rows from it
+    for u, (start, stop) in enumerate(ranges if group == "images" else ()):
+        for k in range(start, stop):
+            if k in handover:
+                consumers[handover[k] // volumes_per_unit].add(u)
     for u, (start, stop) in enumerate(ranges):
+        extra = {}
         if group == "images":
             rows = [
                 {
@@ -430,6 +436,8 @@ def _write_unit_plans(ws, group, plan, records, ranges, handover, volumes_per_un
             for k in range(start, stop):
                 if k in handover:
                     rows[k - start]["made_by"] = handover[k] // volumes_per_unit
+            used = sorted({r["made_by"] for r in rows if "made_by" in r})
+            extra = {"slice_consumers": {str(v): sorted(consumers[v]) for v in used}}
         else:
             rows = [
                 {
@@ -442,7 +450,8 @@ def _write_unit_plans(ws, group, plan, records, ranges, handover, volumes_per_un
                 for j, v in enumerate(plan.volumes[start:stop])
             ]
         st.write_json_atomic(
-            ws.plan_dir / f"{group}-{u:06d}.json", {"start": start, "stop": stop, "rows": rows}
+            ws.plan_dir / f"{group}-{u:06d}.json",
+            {"start": start, "stop": stop, "rows": rows, **extra},
         )
 
 
@@ -525,6 +534,15 @@ def _pixels_unit(job, store, private, cfg_json, earlier=None) -> None:
         "facts": {str(start + r): f for r, f in facts.items()},
     }
     st.write_json_atomic(_unit_done_path(ws, group, u), result)
+    _release_slices(ws, work.get("slice_consumers", {}))
+
+
+def _release_slices(ws: Workspace, consumers: dict[str, list[int]]) -> None:
+    """Delete a hand-over file once every image unit that takes rows from it is done, so the
+    private folder holds only the files still needed (finalize removes any left over)."""
+    for v, image_units in consumers.items():
+        if all(_unit_done_path(ws, "images", i).exists() for i in image_units):
+            _slices_path(ws, int(v)).unlink(missing_ok=True)
 
 
 def phase_pixels(ws: Workspace, *, workers=1, shard=(0, 1), earlier=None) -> None:
