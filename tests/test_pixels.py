@@ -574,3 +574,67 @@ def test_grid_frame_offsets_place_frames_along_the_normal():
 def test_cine_frames_share_one_geometry():
     geoms = frame_geometry(read("emri_small.dcm", stop_before_pixels=True))
     assert len(geoms) == 10 and len(set(geoms)) == 1
+
+
+# ------------------------------------------------------------- DS values from their raw bytes
+# frame_geometry and the window reader take plain DS text from the raw bytes (pixels.
+# _raw_ds_items); with that switched off, pydicom converts every value. Both must agree.
+
+
+def test_geometry_from_raw_ds_equals_pydicom_on_every_test_file(monkeypatch):
+    import warnings
+
+    from pydicom.data import get_testdata_files
+
+    def read(path):
+        return pydicom.dcmread(path, defer_size=4096, force=True)
+
+    checked = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in sorted(get_testdata_files()):
+            try:
+                read(path)
+            except Exception:
+                continue
+            fast = [g.to_json() for g in pixels.frame_geometry(read(path))]
+            fast_window = pixels._window(read(path), 0)
+            with monkeypatch.context() as m:
+                m.setattr(pixels, "_raw_ds_items", lambda *args: None)
+                slow = [g.to_json() for g in pixels.frame_geometry(read(path))]
+                slow_window = pixels._window(read(path), 0)
+            assert fast == slow and fast_window == slow_window, path
+            checked += 1
+    assert checked > 100
+
+
+def test_raw_ds_numbers_equal_pydicom_on_random_text(monkeypatch):
+    import random
+    import warnings
+
+    pieces = ["1", "2.5", "-.5", "+3", "1e3", "4E-2", "7.", ".", "e", "-", "+", " ", "\\", "0",
+              "12345678901234567", "1e999", "--1", "5e"]  # fmt: skip
+    rng = random.Random(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(1500):
+            text = "".join(rng.choices(pieces, k=rng.randrange(6))).encode()
+
+            def ds(text=text):
+                out = Dataset()
+                for keyword in ("PixelSpacing", "WindowCenter"):
+                    tag = pydicom.datadict.tag_for_keyword(keyword)
+                    out[tag] = RawDataElement(tag, "DS", len(text), text, 0, False, True)
+                return out
+
+            fast = (
+                pixels._floats(ds(), "PixelSpacing", 2),
+                pixels._first_float(ds(), "WindowCenter"),
+            )
+            with monkeypatch.context() as m:
+                m.setattr(pixels, "_raw_ds_items", lambda *args: None)
+                slow = (
+                    pixels._floats(ds(), "PixelSpacing", 2),
+                    pixels._first_float(ds(), "WindowCenter"),
+                )
+            assert fast == slow, text

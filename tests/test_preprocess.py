@@ -233,6 +233,30 @@ def test_sharded_phases_equal_one_run(built, corpus, tmp_path):
     assert tree_bytes(out) == tree_bytes(store)
 
 
+def test_slice_handover_gives_the_store_image_units_make_alone(
+    built, corpus, tmp_path, monkeypatch
+):
+    """Volume units make most CT/MR 2D rows for the image units (a private side file); with
+    the hand-over off, the image units make every row themselves: the store is the same."""
+    from pgjax.data import preprocess as pp
+
+    store, _, salt = built
+    root, _ = corpus
+    plans = store.with_name("store.private") / "plan"
+    handed = [r for p in plans.glob("images-*.json") for r in json.loads(p.read_text())["rows"]]
+    assert sum("made_by" in r for r in handed) >= 5  # the fixture's CT series slices
+    assert not list((store.with_name("store.private") / "units").glob("slices-*"))  # finalized
+    # Each image unit deletes a hand-over file once all its takers are done: none is left
+    # after the pixel phase, before finalize.
+    staged = tmp_path / "staged"
+    preprocess([root], staged, cfg=CFG, salt_file=salt, phases=["scan", "plan", "pixels"])
+    assert not list((tmp_path / "staged.private" / "units").glob("slices-*"))
+    monkeypatch.setattr(pp, "_load_slices", lambda *args: {})
+    out = tmp_path / "store"
+    preprocess([root], out, cfg=CFG, salt_file=salt, workers=1)
+    assert tree_bytes(out) == tree_bytes(store)
+
+
 def test_finalize_refuses_missing_units(corpus, tmp_path):
     root, _ = corpus
     out = tmp_path / "store"

@@ -10,6 +10,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from pgjax.data import protocol
 from pgjax.data.protocol import normalize_text, read_protocol
 from pgjax.data.schema import Field, Schema
 
@@ -187,12 +188,16 @@ def test_malformed_numeric_strings(text, expected):
         assert read_protocol(ds, SCHEMA)["SliceThickness"] == expected
 
 
-def test_header_values_do_not_reach_logs(caplog):
+@pytest.mark.parametrize("fast", [False, True])
+def test_header_values_do_not_reach_logs(caplog, monkeypatch, fast):
+    if not fast:  # pydicom's conversion is the path that logs invalid values
+        monkeypatch.setattr(protocol, "_fast_value", lambda *args, **kwargs: protocol._SLOW)
     ds = item(Modality="CT")
     raw(ds, "StudyDescription", "LO", b"NIGHTINGALE^FLORENCE " * 5)  # too long for LO: invalid
     with caplog.at_level("DEBUG"):
         assert read_protocol(ds, SCHEMA)["StudyDescription"].startswith("NIGHTINGALE FLORENCE")
-    assert caplog.records, "pydicom no longer logs invalid values: this test needs a new probe"
+    if not fast:
+        assert caplog.records, "pydicom no longer logs invalid values: this test needs a new probe"
     assert "NIGHTINGALE" not in caplog.text
 
 
@@ -282,3 +287,216 @@ def test_enhanced_ct_kernel_and_kvp():
     )
     p = read_protocol(ds, SCHEMA)
     assert (p["KVP"], p["ConvolutionKernel"], p["XRayTubeCurrent"]) == (100.0, "B30F", 212.5)
+
+
+# ------------------------------------------------------------------ the fast raw-value reader
+# read_protocol converts plain ASCII values from their raw bytes itself (protocol._fast_value);
+# with the fast reader switched off every value goes through pydicom's conversion, as before.
+# The two must give the same protocol values, whatever the bytes.
+
+
+def _slow(monkeypatch):
+    monkeypatch.setattr(protocol, "_fast_value", lambda *args, **kwargs: protocol._SLOW)
+
+
+def _both_ways(monkeypatch, read):
+    """read() with the fast reader, then with pydicom's conversion only."""
+    fast = read()
+    with monkeypatch.context() as m:
+        _slow(m)
+        slow = read()
+    return fast, slow
+
+
+def _testdata_headers():
+    """pydicom's test files that pydicom can read, as the scan reads them."""
+    from pydicom.data import get_testdata_files
+
+    for path in sorted(get_testdata_files()):
+        try:
+            _fresh(path)
+        except Exception:
+            continue
+        yield path
+
+
+ALL_KINDS = [
+    Schema(fields=tuple(f for f in SCHEMA.fields)),
+    # Every default keyword under every other kind and multi rule (where check_schema allows).
+    Schema(fields=tuple(Field(f.keyword, "categorical", multi="first") for f in SCHEMA.fields)),
+    Schema(fields=tuple(Field(f.keyword, "categorical", freetext=True) for f in SCHEMA.fields)),
+    Schema(fields=tuple(Field(f.keyword, "numeric", multi="mean") for f in SCHEMA.fields)),
+    Schema(fields=tuple(Field(f.keyword, "presence") for f in SCHEMA.fields)),
+]
+
+
+def test_fast_reader_equals_pydicom_on_every_test_file(monkeypatch):
+    from pgjax.data.scan import _identifying_words
+
+    checked = 0
+    for path in _testdata_headers():
+        for schema in ALL_KINDS:
+            fast, slow = _both_ways(
+                monkeypatch, lambda s=schema, p=path: read_protocol(_fresh(p), s)
+            )
+            assert fast == slow, (path, schema.fields[0].kind)
+        fast, slow = _both_ways(monkeypatch, lambda p=path: _identifying_words(_fresh(p)))
+        assert fast == slow, path
+        checked += 1
+    assert checked > 100
+
+
+def _fresh(path):
+    # A new read each time: pydicom keeps converted values, which would hide the raw path.
+    return pydicom.dcmread(path, defer_size=4096, force=True)
+
+
+FAST_KEYWORDS = {  # keyword: VR, one per value representation the fast reader converts
+    "KVP": "DS", "XRayTubeCurrent": "IS", "Modality": "CS", "SeriesDescription": "LO",
+    "ConvolutionKernel": "SH", "Rows": "US", "DiffusionBValue": "FD", "SliceLocation": "DS",
+    "ReferencedFrameNumber": "IS", "DerivationDescription": "ST", "PixelSpacing": "DS",
+    "RecommendedDisplayFrameRateInFloat": "FL", "NumberOfWaveformSamples": "UL",
+    "TransducerData": "LO",
+}  # fmt: skip
+PIECES = [
+    b"1", b"2.5", b"-.5", b"+3", b"1e3", b"4E-2", b"7.", b".", b"e", b"-", b"+", b"5 mm", b"nan",
+    b"inf", b"1_0", b" ", b"  ", b"\\", b"\\\\", b"\x00", b"\t", b"\r\n", b"abc", b"Doe^John",
+    b"T1", b"AX", b"\xc3\xa9", b"\xe9", b"\x1b$B", b"=", b"#", b"--", b"..", b"\xd9\xa3",
+    b"\x7f", b"ORIGINAL", b"PRIMARY", b"12/03/2021",
+]  # fmt: skip
+CHARSETS = [None, b"ISO_IR 100", b"ISO_IR 192", b"ISO_IR 13", b"\\ISO 2022 IR 87", b"GB18030"]
+
+
+def test_fast_reader_equals_pydicom_on_malformed_values(monkeypatch):
+    import random
+
+    rng = random.Random(0)
+    schemas = [
+        Schema(fields=tuple(Field(k, kind, **extra) for k in FAST_KEYWORDS))
+        for kind, extra in [
+            ("categorical", {}),
+            ("categorical", {"multi": "first"}),
+            ("categorical", {"freetext": True}),
+            ("numeric", {"multi": "first"}),
+            ("numeric", {"multi": "mean"}),
+            ("presence", {}),
+        ]
+    ]
+    for trial in range(200):
+        charset = rng.choice(CHARSETS)
+        little = trial % 4 != 3
+        values = {}
+        for keyword, vr in FAST_KEYWORDS.items():
+            if rng.random() < 0.15:
+                continue  # absent
+            if vr in ("US", "FD", "FL", "UL"):
+                values[keyword] = (vr, bytes(rng.randrange(256) for _ in range(rng.randrange(10))))
+            else:
+                values[keyword] = (vr, b"".join(rng.choices(PIECES, k=rng.randrange(5))))
+
+        def build(values=values, charset=charset, little=little, implicit=trial % 5 == 0):
+            ds = Dataset()
+            if charset is not None:
+                ds[0x00080005] = RawDataElement(0x00080005, "CS", len(charset), charset, 0,
+                                                implicit, little)  # fmt: skip
+            for keyword, (vr, value) in values.items():
+                tag = tag_for_keyword(keyword)
+                ds[tag] = RawDataElement(tag, None if implicit else vr, len(value), value, 0,
+                                         implicit, little)  # fmt: skip
+            return ds
+
+        for schema in schemas:
+            fast, slow = _both_ways(monkeypatch, lambda s=schema, b=build: read_protocol(b(), s))
+            assert fast == slow, (values, charset, schema.fields[0])
+
+
+def test_fast_identifying_words_equal_pydicom(monkeypatch):
+    import random
+
+    from pgjax.data.scan import _identifying_words
+
+    rng = random.Random(1)
+    for _ in range(300):
+        charset = rng.choice(CHARSETS)
+        ds = Dataset()
+        if charset is not None:
+            ds[0x00080005] = RawDataElement(0x00080005, "CS", len(charset), charset, 0, False, True)
+        for keyword, vr in (("PatientName", "PN"), ("OtherPatientIDs", "LO"),
+                            ("OperatorsName", "PN"), ("AccessionNumber", "SH")):  # fmt: skip
+            value = b"".join(rng.choices(PIECES, k=rng.randrange(5)))
+            ds[tag_for_keyword(keyword)] = RawDataElement(
+                tag_for_keyword(keyword), vr, len(value), value, 0, False, True
+            )
+        fast, slow = _both_ways(monkeypatch, lambda d=ds: _identifying_words(_copy(d)))
+        assert fast == slow, ds
+
+
+def _copy(ds):
+    out = Dataset()
+    for tag in list(ds._dict):
+        out[tag] = ds.get_item(tag, keep_deferred=True)
+    return out
+
+
+def test_normalize_text_ascii_path_equals_general_path():
+    import random
+
+    rng = random.Random(2)
+    alphabet = [chr(c) for c in range(0x20, 0x7F)]
+    for _ in range(3000):
+        text = "".join(rng.choices(alphabet, k=rng.randrange(12)))
+        for freetext in (False, True):
+            # A trailing non-ASCII space forces the general path and normalises away.
+            assert normalize_text(text, freetext) == normalize_text(text + "\u00a0", freetext)
+
+
+def test_fast_reader_serves_plain_headers(monkeypatch):
+    served = []
+    fast_value = protocol._fast_value
+
+    def counting(*args, **kwargs):
+        value = fast_value(*args, **kwargs)
+        served.append(value is not protocol._SLOW)
+        return value
+
+    monkeypatch.setattr(protocol, "_fast_value", counting)
+    read_protocol(_fresh(get_testdata_file("CT_small.dcm")), SCHEMA)
+    assert sum(served) >= 15 and all(served)  # every present field of a plain CT header
+
+
+def test_single_text_equals_pydicom(monkeypatch):
+    """scan.single_text (identity UIDs, PatientID, Modality) reads plain values from the raw
+    bytes; it must give what str(ds.get(k) or "").strip() gives, for every file and value."""
+    import random
+
+    from pgjax.data.scan import single_text
+
+    keywords = {"SOPInstanceUID": "UI", "StudyInstanceUID": "UI", "PatientID": "LO",
+                "Modality": "CS", "AccessionNumber": "SH"}  # fmt: skip
+
+    def both(ds):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about the malformed values
+            ok = protocol.ascii_text_safe(ds)
+            fast = {k: single_text(ds, k, ok) for k in keywords}
+            slow = {k: str(ds.get(k, "") or "").strip() for k in keywords}
+        return fast, slow
+
+    for path in _testdata_headers():
+        fast, slow = both(_fresh(path))
+        assert fast == slow, path
+    rng = random.Random(3)
+    for trial in range(300):
+        ds = Dataset()
+        charset = rng.choice(CHARSETS)
+        if charset is not None:
+            ds[0x00080005] = RawDataElement(0x00080005, "CS", len(charset), charset, 0, False, True)
+        for keyword, vr in keywords.items():
+            value = b"".join(
+                rng.choices(PIECES + [b"1.2.840.10008", b" ", b"\\x00"], k=rng.randrange(4))
+            )
+            tag = tag_for_keyword(keyword)
+            ds[tag] = RawDataElement(tag, None if trial % 3 == 0 else vr, len(value), value, 0,
+                                     trial % 3 == 0, True)  # fmt: skip
+        fast, slow = both(ds)
+        assert fast == slow, ds

@@ -3,7 +3,13 @@
     python tools/profile_preprocess.py DICOM_DIR [--top 30]
 
 Writes a throwaway store under a temporary folder; prints the top functions by cumulative time
-for each phase. This is how the README's preprocessing profile was taken.
+for each phase. cProfile's cost per call inflates pydicom's many small calls (the scan looks
+~3x slower under it); for the share of each cost, sample one phase instead, e.g.
+
+    py-spy record -r 250 --format raw -o pixels.txt -- \
+        python -m pgjax.cli preprocess --out S --phase pixels --workers 1
+
+which is how the README's current preprocessing profile was taken.
 """
 
 from __future__ import annotations

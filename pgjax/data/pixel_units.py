@@ -3,6 +3,11 @@
 Each function takes the private work list of a unit (file paths and frames per row) and returns
 the block to write, the rows that failed with their reasons, and per-row facts for the table.
 A file that fails costs its own rows only: they stay zero and are marked not ok.
+
+The 2D rows of a CT/MR slice that is also in a volume are made by the volume unit, which has
+the slice decoded anyway, and handed to the image unit through a private side file (see
+preprocess.py, "slice hand-over"); the image unit makes any row it does not find there itself,
+the same way, so the side files only save a second read and decode of the file.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pgjax.data.deid import quiet_pydicom
 from pgjax.data.pixels import (
     PixelError,
     decode_frames,
+    images_from_frames,
     normalize_series,
     preprocess_frames,
     quantize,
@@ -40,12 +46,18 @@ def _reason(e: Exception) -> str:
 
 
 @quiet_pydicom()
-def fill_image_unit(rows: list[dict], cfg: PreprocessConfig):
-    """rows: [{"path", "frame"}] -> (uint block [n, H, W], [(row, reason)], {})."""
+def fill_image_unit(rows: list[dict], cfg: PreprocessConfig, made: dict | None = None):
+    """rows: [{"path", "frame"}] -> (uint block [n, H, W], [(row, reason)], {}).
+
+    made: {row: image} for rows a volume unit has already made (indices into `rows`).
+    """
     block = np.zeros((len(rows), *cfg.image_size), dtype=cfg.dtype)
     failures = []
     by_path = defaultdict(list)
     for r, row in enumerate(rows):
+        if made and r in made:
+            block[r] = made[r]
+            continue
         by_path[row["path"]].append((r, row["frame"]))
     for path, items in by_path.items():
         try:
@@ -60,18 +72,26 @@ def fill_image_unit(rows: list[dict], cfg: PreprocessConfig):
     return block, failures, {}
 
 
-def _series_slices(paths, frames, cfg) -> np.ndarray:
+def _series_slices(paths, frames, cfg, images=(), made=None) -> np.ndarray:
     """Normalised float slices [S, rows, cols] of one series, in the plan's order.
 
     Normalised together: MR has no absolute scale, so percentiles pooled over the series keep
     its slices comparable (CT is windowed in Hounsfield units, per file's own rescale).
+    images: [(image row, path, frame)] 2D rows to make on the way into `made`, from the same
+    decoded frames and exactly as fill_image_unit would (a file that fails makes none).
     """
     decoded = {}
     for p in dict.fromkeys(paths):
         ds = _read(p)
         wanted = sorted({f for q, f in zip(paths, frames, strict=True) if q == p})
-        out = decode_frames(ds, wanted)
+        out = decode_frames(ds, wanted)  # frame by frame: the same values as one at a time
         decoded[p] = (ds, {f: out[j] for j, f in enumerate(wanted)})
+    for row, p, f in images:
+        ds, pixels = decoded[p]
+        try:
+            made[row] = images_from_frames(pixels[f][None], ds, [f], cfg)[0]
+        except Exception:
+            pass  # the image unit makes this row itself and records the reason
     parts = [
         (decoded[p][1][f][None], decoded[p][0], [f]) for p, f in zip(paths, frames, strict=True)
     ]
@@ -79,13 +99,18 @@ def _series_slices(paths, frames, cfg) -> np.ndarray:
 
 
 @quiet_pydicom()
-def fill_volume_unit(rows: list[dict], cfg: PreprocessConfig):
-    """rows: [{"paths", "frames", "plan"}] -> (block [n, D, H, W], failures, facts)."""
+def fill_volume_unit(rows: list[dict], cfg: PreprocessConfig, made: dict | None = None):
+    """rows: [{"paths", "frames", "plan"[, "images"]}] -> (block [n, D, H, W], failures, facts).
+
+    made: when given, receives {image row: 2D image} for the rows listed in each row's
+    "images" ([image row, path, frame]), for the image units (see the module docstring).
+    """
     block = np.zeros((len(rows), *cfg.volume_shape), dtype=cfg.dtype)
     failures, facts = [], {}
     for r, row in enumerate(rows):
         try:
-            slices = _series_slices(row["paths"], row["frames"], cfg)
+            images = row.get("images", ()) if made is not None else ()
+            slices = _series_slices(row["paths"], row["frames"], cfg, images, made)
             plan = VolumePlan.from_json(row["plan"])
             volume, spacing = resample_volume(slices, plan, tuple(cfg.volume_shape), cfg.resize)
             block[r] = quantize(volume, cfg.dtype)

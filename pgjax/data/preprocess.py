@@ -43,7 +43,9 @@ from pgjax.data.schema import Schema
 from pgjax.data.tokenizer import MISSING
 from pgjax.progress import Progress
 
-FILES_PER_SCAN_CHUNK = 512
+# Small enough that a few workers share even a small corpus evenly (a chunk is one process task
+# and one JSON file), large enough that a million files make a few thousand chunk files.
+FILES_PER_SCAN_CHUNK = 128
 PHASES = ("scan", "plan", "pixels", "finalize")
 
 
@@ -105,16 +107,22 @@ def _ping() -> bool:
 
 
 def run_units(
-    fn: Callable, units: Sequence, args: tuple, workers: int, progress: Progress
+    fn: Callable,
+    units: Sequence,
+    args: tuple,
+    workers: int,
+    progress: Progress,
+    then: Sequence = (),
 ) -> list[tuple[object, str]]:
     """Run fn(unit, *args) for every unit; return (unit, reason) for units that crashed a worker.
 
+    `then`: more units, started once every unit of `units` has finished (same pool).
     A decoder can crash its process on a hostile file (a segfault is not an exception). When
     the pool breaks, the units that were in flight are re-run one by one in their own process,
     so one bad file costs its unit, not the run.
     """
     if workers <= 1:
-        for u in units:
+        for u in [*units, *then]:
             fn(u, *args)
             progress.update()
         return []
@@ -128,13 +136,19 @@ def run_units(
                 "cannot start worker processes (spawn). From a script, put the call under "
                 "`if __name__ == '__main__':`; or use --workers 1"
             ) from e
-        futures = {pool.submit(fn, u, *args): u for u in units}
-        for fut in cf.as_completed(futures):
-            try:
-                fut.result()
-                progress.update()
-            except cf.process.BrokenProcessPool:
-                suspects.append(futures[fut])
+        for wave in (units, then):
+            futures = {}
+            for u in wave:
+                try:
+                    futures[pool.submit(fn, u, *args)] = u
+                except cf.process.BrokenProcessPool:  # broken by the wave before
+                    suspects.append(u)
+            for fut in cf.as_completed(futures):
+                try:
+                    fut.result()
+                    progress.update()
+                except cf.process.BrokenProcessPool:
+                    suspects.append(futures[fut])
     for u in suspects:
         with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
             try:
@@ -161,7 +175,8 @@ def phase_scan(inputs, ws: Workspace, schema: Schema, cfg, salt, *, workers=1, s
     if not files:
         raise ValueError(f"no files under {', '.join(map(str, inputs))}")
     listing = [(r, p, os.path.getsize(p), os.stat(p).st_mtime_ns) for r, p in files]
-    digest = _digest([listing, schema.to_json(), cfg.site_from])
+    # The chunk size is part of the digest: chunk files of another size are other files' records.
+    digest = _digest([listing, schema.to_json(), cfg.site_from, FILES_PER_SCAN_CHUNK])
     listing_path = ws.scan_dir / "listing.json"
     if listing_path.exists() and json.loads(listing_path.read_text()).get("digest") != digest:
         # Inputs or settings changed: earlier chunks describe other files. Start over.
@@ -293,7 +308,9 @@ def phase_plan(
         for name, dtype in st.TOKEN_ARRAYS.items():
             arrays[f"{group}/{name}"] = {"shape": [n, len(schema.fields)], "dtype": dtype}
         units[group] = _unit_ranges(n, per_shard[group])
-        _write_unit_plans(ws, group, plan, records, units[group])
+    handover = _slice_handover(plan, units["images"])
+    for group in groups:
+        _write_unit_plans(ws, group, plan, records, units[group], handover, per_shard["volumes"])
 
     st.write_json_atomic(ws.plan_dir / "skipped.json", plan.skipped)
     manifest = {
@@ -378,9 +395,35 @@ def _vendors(vocab, schema: Schema, tokens) -> list[str]:
     return [names[int(t)] for t in tokens[:, schema.index("Manufacturer")]]
 
 
-def _write_unit_plans(ws, group, plan, records, ranges):
+def _slice_handover(plan, image_ranges) -> dict[int, int]:
+    """Image rows that a volume unit makes (see "slice hand-over" below): {image row: volume}.
+
+    Only the row of a file that its image unit asks for one frame of: an image unit normalises
+    the frames of one file together, which the volume unit could not repeat.
+    """
+    out = {}
+    for start, stop in image_ranges:
+        per_file = Counter(plan.images[k].record for k in range(start, stop))
+        for k in range(start, stop):
+            it = plan.images[k]
+            if it.volume >= 0 and per_file[it.record] == 1:
+                out[k] = it.volume
+    return out
+
+
+def _write_unit_plans(ws, group, plan, records, ranges, handover, volumes_per_unit):
     """The private per-unit work list: which file and frames fill each row."""
+    by_volume = defaultdict(list)
+    for k, v in sorted(handover.items()):
+        it = plan.images[k]
+        by_volume[v].append([k, records[it.record].path, it.frame])
+    consumers = defaultdict(set)  # volume unit -> the image units that take rows from it
+    for u, (start, stop) in enumerate(ranges if group == "images" else ()):
+        for k in range(start, stop):
+            if k in handover:
+                consumers[handover[k] // volumes_per_unit].add(u)
     for u, (start, stop) in enumerate(ranges):
+        extra = {}
         if group == "images":
             rows = [
                 {
@@ -390,6 +433,11 @@ def _write_unit_plans(ws, group, plan, records, ranges):
                 }
                 for it in plan.images[start:stop]
             ]
+            for k in range(start, stop):
+                if k in handover:
+                    rows[k - start]["made_by"] = handover[k] // volumes_per_unit
+            used = sorted({r["made_by"] for r in rows if "made_by" in r})
+            extra = {"slice_consumers": {str(v): sorted(consumers[v]) for v in used}}
         else:
             rows = [
                 {
@@ -397,11 +445,13 @@ def _write_unit_plans(ws, group, plan, records, ranges):
                     "frames": v.frames,
                     "plan": v.plan,
                     "key": records[v.records[0]].series_key,
+                    "images": by_volume.get(start + j, []),
                 }
-                for v in plan.volumes[start:stop]
+                for j, v in enumerate(plan.volumes[start:stop])
             ]
         st.write_json_atomic(
-            ws.plan_dir / f"{group}-{u:06d}.json", {"start": start, "stop": stop, "rows": rows}
+            ws.plan_dir / f"{group}-{u:06d}.json",
+            {"start": start, "stop": stop, "rows": rows, **extra},
         )
 
 
@@ -413,6 +463,47 @@ def _unit_done_path(ws: Workspace, group: str, u: int) -> Path:
     return ws.units_dir / f"{group}-{u:06d}.json"
 
 
+# Slice hand-over. Most 2D rows of a CT/MR series are slices of its volume, and the volume
+# unit reads and decodes every slice anyway: it makes those 2D rows too and leaves them in
+# PRIVATE/units/slices-UNIT.npy, and the image unit takes them from there instead of reading
+# and decoding the file a second time (a pydicom parse and decode cost about as much as
+# everything else done to a small slice). The side file is a cache, not a dependency: an
+# image unit makes any row it does not find there itself, by the same code, so the store is
+# the same whatever ran where or first (--shard on machines without a shared folder, a unit
+# that crashed, a resumed run). Volume units run first for this; finalize removes the files.
+# (The alternative, recording pixel offsets in the scan and reading frames with NumPy, would
+# still need the header in the pixel phase for normalisation, so it would save the decode
+# only, and duplicate pydicom's pixel handling.)
+
+
+def _slices_path(ws: Workspace, u: int) -> Path:
+    return ws.units_dir / f"slices-{u:06d}.npy"
+
+
+def _save_slices(ws: Workspace, u: int, made: dict[int, np.ndarray]) -> None:
+    path = _slices_path(ws, u)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    rows = sorted(made)
+    with open(tmp, "wb") as f:  # two plain .npy records (an .npz would checksum every byte)
+        np.save(f, np.asarray(rows, dtype=np.int64))
+        np.save(f, np.stack([made[r] for r in rows]))
+    os.replace(tmp, path)
+
+
+def _load_slices(ws: Workspace, rows: list[dict], start: int) -> dict[int, np.ndarray]:
+    """{row in unit: image} for this image unit's rows that a volume unit has already made."""
+    wanted = {start + r: row["made_by"] for r, row in enumerate(rows) if "made_by" in row}
+    found = {}
+    for u in sorted(set(wanted.values())):
+        try:
+            with open(_slices_path(ws, u), "rb") as f:
+                found.update(zip(np.load(f).tolist(), np.load(f), strict=True))
+        except (OSError, ValueError, EOFError):
+            continue  # not made (yet, or here): the image unit makes those rows itself
+    return {k - start: found[k] for k in wanted if k in found}
+
+
 def _pixels_unit(job, store, private, cfg_json, earlier=None) -> None:
     group, u = job
     from pgjax.data.pixel_units import fill_image_unit, fill_volume_unit
@@ -420,14 +511,21 @@ def _pixels_unit(job, store, private, cfg_json, earlier=None) -> None:
     ws = Workspace(Path(store), Path(private))
     cfg = PreprocessConfig.from_json(cfg_json)
     work = json.loads((ws.plan_dir / f"{group}-{u:06d}.json").read_text())
+    start = work["start"]
     fill = fill_image_unit if group == "images" else fill_volume_unit
+    made = {}
     if earlier:  # appending: rows whose files are gone come from the earlier store
         block, failures, facts = fill_reusing(fill, work["rows"], cfg, group, Path(earlier))
+    elif group == "volumes":
+        block, failures, facts = fill_volume_unit(work["rows"], cfg, made)
     else:
-        block, failures, facts = fill(work["rows"], cfg)
+        block, failures, facts = fill_image_unit(
+            work["rows"], cfg, _load_slices(ws, work["rows"], start)
+        )
     arr = st.open_array(ws.store / group / "pixels", write=True)
-    start = work["start"]
     arr[start : work["stop"]].write(block).result()
+    if made:
+        _save_slices(ws, u, made)
     # Fault injection for the kill-and-resume test: widen the window between the pixel write
     # and the unit's completion marker, the worst moment to be killed.
     time.sleep(float(os.environ.get("PGJAX_TEST_UNIT_DELAY_S", "0")))
@@ -436,6 +534,15 @@ def _pixels_unit(job, store, private, cfg_json, earlier=None) -> None:
         "facts": {str(start + r): f for r, f in facts.items()},
     }
     st.write_json_atomic(_unit_done_path(ws, group, u), result)
+    _release_slices(ws, work.get("slice_consumers", {}))
+
+
+def _release_slices(ws: Workspace, consumers: dict[str, list[int]]) -> None:
+    """Delete a hand-over file once every image unit that takes rows from it is done, so the
+    private folder holds only the files still needed (finalize removes any left over)."""
+    for v, image_units in consumers.items():
+        if all(_unit_done_path(ws, "images", i).exists() for i in image_units):
+            _slices_path(ws, int(v)).unlink(missing_ok=True)
 
 
 def phase_pixels(ws: Workspace, *, workers=1, shard=(0, 1), earlier=None) -> None:
@@ -449,7 +556,10 @@ def phase_pixels(ws: Workspace, *, workers=1, shard=(0, 1), earlier=None) -> Non
     ]
     progress = Progress(len(jobs), "pixels", "shards")
     args = (str(ws.store), str(ws.private), cfg.to_json(), str(earlier) if earlier else None)
-    crashed = run_units(_pixels_unit, jobs, args, workers, progress)
+    # Volume units first: they make most CT/MR 2D rows for the image units (slice hand-over).
+    volumes = [job for job in jobs if job[0] == "volumes"]
+    images = [job for job in jobs if job[0] != "volumes"]
+    crashed = run_units(_pixels_unit, volumes, args, workers, progress, then=images)
     for (g, u), reason in crashed:
         work = json.loads((ws.plan_dir / f"{g}-{u:06d}.json").read_text())
         failures = [[row, reason] for row in range(work["start"], work["stop"])]
@@ -510,6 +620,8 @@ def phase_finalize(ws: Workspace) -> dict:
         "failed_items": failed_counts,
     }
     st.write_json_atomic(ws.store / "report.json", report)
+    for path in ws.units_dir.glob("slices-*.npy"):  # the slice hand-over is done
+        path.unlink()
     manifest["state"] = "complete"
     manifest["counts"].update(
         {f"{g}_ok": manifest["counts"][g] - failed_counts[g] for g in st.GROUPS}

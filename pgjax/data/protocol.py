@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import math
 import re
+import struct
 import unicodedata
 import warnings
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -92,8 +94,34 @@ _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _DIGITS = re.compile(r"\d+")
 _REPEATED_SYMBOL = re.compile(r"([-_+/.#])\1+")
 _FREETEXT_KEEP = frozenset("-_+/.# ")
+# Step b of normalize_text for uppercased ASCII: what is not a letter or kept becomes a space.
+_FREETEXT_DROP_ASCII = re.compile(r"[^A-Z\-_+/.# ]")
 
 _ABSENT = object()
+_SLOW = object()  # the fast reader declines: use pydicom's conversion
+
+# The fast reader (`_fast_value`): most header values are short printable ASCII strings, and
+# pydicom's general conversion (hooks, validation, value classes) costs ~40 us per element,
+# more than the rest of the scan together. For the value representations below, the fast
+# reader turns the raw bytes into what the protocol rules would derive from pydicom's value:
+# text as one string (the rules split it on "\\" and normalise each part, so pydicom's padding
+# removal does not matter), binary numbers as a list. Anything else (another VR, a byte that is
+# not printable ASCII, a deferred value, an odd length) goes through pydicom, as before.
+# tests/test_protocol.py checks both paths agree on pydicom's test files and malformed values.
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+# DS/IS: only these characters, where Python's float() (pydicom's DS/IS) and the DICOM number
+# grammar of _to_float agree on what a component is, so which path parses it cannot matter.
+_NUMBER_CHARS = frozenset("0123456789+-.eE\\ ")
+_BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+# Character sets under which printable ASCII bytes decode to themselves. ISO 2022 sets with
+# escape sequences never reach the fast path (ESC is not printable); Japanese sets are left to
+# pydicom, since JIS X 0201 puts a yen sign where ASCII has the backslash.
+_ASCII_SAFE_CHARSETS = frozenset(
+    {"", "ISO_IR 6", "ISO 2022 IR 6", "ISO_IR 192", "GB18030", "GBK"}
+    | {f"ISO_IR {n}" for n in (100, 101, 109, 110, 126, 127, 138, 144, 148, 166, 203)}
+    | {f"ISO 2022 IR {n}" for n in (100, 101, 109, 110, 126, 127, 138, 144, 148, 166, 203)}
+)
+_CHARSET_TAG = 0x00080005
 
 
 def normalize_text(value: str, freetext: bool = False) -> str:
@@ -114,6 +142,14 @@ def normalize_text(value: str, freetext: bool = False) -> str:
       c. a run of one repeated symbol among "- _ + / . #" becomes one ("A--B" -> "A-B");
     then step 4. Example: "  Ax T1 post 3.0mm 12/03/2021 " -> "AX T# POST #.#MM #/#/#".
     """
+    if value.isascii() and value.isprintable():
+        # Printable ASCII (nearly every header value): NFKC, the whitespace and the control
+        # character rules change nothing, and step b is one regex.
+        text = value.upper()
+        if freetext:
+            text = _FREETEXT_DROP_ASCII.sub(" ", _DIGITS.sub("#", text))
+            text = _REPEATED_SYMBOL.sub(r"\1", text)
+        return " ".join(text.split())
     text = unicodedata.normalize("NFKC", value)
     text = "".join(
         " " if c.isspace() else c for c in text if c.isspace() or not _is_control(c)
@@ -148,9 +184,10 @@ def read_protocol(ds: Dataset, schema: Schema) -> dict[str, ProtocolValue]:
     redact_pydicom_logs()
     # pydicom warns about invalid values with the value in the message; a free-text field may
     # hold a name, which must not reach stderr or a log.
+    text_ok = ascii_text_safe(ds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {f.keyword: _read_field(ds, f) for f in schema.fields}
+        return {f.keyword: _read_field(ds, f, text_ok) for f in schema.fields}
 
 
 @functools.lru_cache(maxsize=16)
@@ -173,12 +210,13 @@ def check_schema(schema: Schema) -> None:
             raise ValueError(f"protocol schema field {f.keyword}: categorical with multi 'mean'")
 
 
-def _read_field(ds: Dataset, field: Field) -> ProtocolValue:
+def _read_field(ds: Dataset, field: Field, text_ok: bool = False) -> ProtocolValue:
     if field.kind == "presence":
         keywords = (field.keyword, *PRESENCE_ALIASES.get(field.keyword, ()))
-        return any(_non_empty(_element_value(ds, k)) for k in keywords)
-    convert = _categorical if field.kind == "categorical" else _numeric
-    value = convert(_element_value(ds, field.keyword), field)
+        return any(_non_empty(_element_value(ds, k, text_ok)) for k in keywords)
+    numeric = field.kind == "numeric"
+    convert = _numeric if numeric else _categorical
+    value = convert(_element_value(ds, field.keyword, text_ok, numeric), field)
     if value is None:
         for macro, keyword in FUNCTIONAL_GROUP_PATHS.get(field.keyword, ()):
             for item in _functional_group_items(ds, macro):
@@ -203,12 +241,96 @@ def _first_item(value) -> Dataset | None:
     return None
 
 
-def _element_value(ds: Dataset, keyword: str):
+def ascii_text_safe(ds: Dataset) -> bool:
+    """Whether printable ASCII text in `ds` decodes to itself under its character set."""
+    elem = ds.get_item(_CHARSET_TAG, keep_deferred=True)
+    if elem is None:
+        return True
+    value = elem.value
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return False
+    if value is None:
+        return True
+    terms = value.split("\\") if isinstance(value, str) else list(value)
+    return all(str(t).strip(" \0") in _ASCII_SAFE_CHARSETS for t in terms)
+
+
+def raw_text(ds: Dataset, keyword: str, text_ok: bool) -> str | None:
+    """The element's text straight from its raw bytes ("" when absent or empty), or None when
+    the fast reader declines (see _fast_value) and the caller must ask pydicom."""
+    elem = ds.get_item(_tag(keyword), keep_deferred=True)
+    if elem is None:
+        return ""
+    if not isinstance(elem, RawDataElement):
+        return None
+    value = _fast_value(elem, _tag(keyword), text_ok, numbers_ok=False)
+    return value if isinstance(value, str) else None
+
+
+@functools.cache
+def _tag(keyword: str) -> int | None:
+    return tag_for_keyword(keyword)
+
+
+@functools.cache
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return ""
+
+
+def _fast_value(elem: RawDataElement, tag: int, text_ok: bool, numbers_ok: bool):
+    """The protocol-equivalent value of a raw element, or _SLOW (see _TEXT_VRS above).
+
+    text_ok: the data set's character set leaves ASCII alone. numbers_ok: the caller is a
+    numeric field (pydicom's DS/IS value classes print differently from the stored text, e.g.
+    IS "14E-2" as "0.14", so other kinds take pydicom's value).
+    """
+    raw = elem.value
+    if raw is None or not isinstance(raw, bytes):  # deferred, or not raw bytes
+        return _SLOW
+    vr = elem.VR or _dictionary_vr(tag)  # implicit VR files: the dictionary's VR, as pydicom
+    fmt = _BINARY_FORMATS.get(vr)
+    if fmt is not None:
+        size = struct.calcsize(fmt)
+        if len(raw) % size:
+            return _SLOW
+        order = "<" if elem.is_little_endian else ">"
+        return list(struct.unpack(f"{order}{len(raw) // size}{fmt}", raw))
+    if vr in _TEXT_VRS:
+        if not text_ok:
+            return _SLOW
+    elif vr not in ("DS", "IS") or not numbers_ok:
+        return _SLOW
+    if not raw.isascii():
+        return _SLOW
+    text = raw.decode("ascii")
+    if not text.isprintable():
+        return _SLOW
+    if vr in ("DS", "IS") and not _NUMBER_CHARS.issuperset(text):
+        return _SLOW
+    return text
+
+
+def _element_value(ds: Dataset, keyword: str, text_ok: bool = False, numbers_ok: bool = False):
     """The element's value; _ABSENT when it is not there; raw bytes when pydicom cannot convert
-    them (e.g. DS "5 mm"); None when those bytes are binary."""
-    tag = tag_for_keyword(keyword)
-    if tag is None or tag not in ds:
+    them (e.g. DS "5 mm"); None when those bytes are binary. With the fast reader (only for the
+    top-level data set, whose character set `text_ok` describes), a plain string or list may
+    stand in for pydicom's value (see _fast_value)."""
+    tag = _tag(keyword)
+    if tag is None:
         return _ABSENT
+    elem = ds.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return _ABSENT
+    if isinstance(elem, RawDataElement):  # text only when text_ok; numbers are ASCII always
+        value = _fast_value(elem, tag, text_ok, numbers_ok)
+        if value is not _SLOW:
+            return value
     try:
         return ds[tag].value
     except Exception:  # pydicom raises ValueError, TypeError, ... on values it cannot convert

@@ -16,11 +16,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
 from pgjax.data.deid import hash_key, quiet_pydicom
 from pgjax.data.pixels import frame_geometry
-from pgjax.data.protocol import normalize_text, read_protocol
+from pgjax.data.protocol import ascii_text_safe, normalize_text, raw_text, read_protocol
 from pgjax.data.schema import Schema
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -39,6 +41,7 @@ PERSON_NAME_KEYWORDS = (
 )  # fmt: skip
 ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName")
 REDACTED = "<REDACTED>"
+_SINGLE_TEXT_VRS = frozenset({"CS", "LO", "SH"})
 
 
 @dataclasses.dataclass
@@ -64,11 +67,17 @@ class ScanRecord:
         return self.reason is None
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        # A plain dict of the fields, not dataclasses.asdict: that deep-copies every protocol
+        # value and geometry list, which cost more than reading the header. The values are
+        # already JSON types; callers serialise the dict, they do not mutate it.
+        return {f: getattr(self, f) for f in _RECORD_FIELDS}
 
     @classmethod
     def from_json(cls, obj: dict) -> ScanRecord:
         return cls(**obj)
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(ScanRecord))
 
 
 def list_files(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
@@ -172,15 +181,41 @@ def _pixel_problem(path: str, ds) -> str | None:
 def _identifying_words(ds) -> set[str]:
     """Normalised words of this header's names and IDs (3+ characters; shorter ones are noise)."""
     words = set()
+    text_ok = ascii_text_safe(ds)
     for keyword in PERSON_NAME_KEYWORDS + ID_KEYWORDS:
-        value = ds.get(keyword)
-        if value is None:
-            continue
-        values = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+        # The raw text when it is plain ASCII: its "\\" between values and "^" between name
+        # parts become spaces below, so the words are those of pydicom's values, one by one.
+        text = raw_text(ds, keyword, text_ok)
+        if text is not None:
+            values = [text]
+        else:
+            value = ds.get(keyword)
+            if value is None:
+                continue
+            multi = (list, tuple, pydicom.multival.MultiValue)
+            values = value if isinstance(value, multi) else [value]
         for v in values:
             text = normalize_text(str(v).replace("^", " "), freetext=True)
             words.update(w for w in text.split() if len(w) >= 3)
     return words
+
+
+def single_text(ds, keyword: str, text_ok: bool) -> str:
+    """str(ds.get(keyword, "") or "").strip(), straight from the raw bytes when they hold one
+    printable ASCII value of a string VR (pydicom's conversion, which validates every UID with a
+    regex, cost more than the rest of the identity); through pydicom otherwise. text_ok: the
+    character set leaves ASCII alone (protocol.ascii_text_safe); UIDs are ASCII by definition.
+    """
+    tag = tag_for_keyword(keyword)
+    elem = ds.get_item(tag, keep_deferred=True)
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        vr = elem.VR or dictionary_VR(tag)
+        if (vr == "UI" or (text_ok and vr in _SINGLE_TEXT_VRS)) and elem.value.isascii():
+            text = elem.value.decode("ascii")
+            # A backslash makes pydicom's value a list, whose str() is another string.
+            if text.isprintable() and "\\" not in text:
+                return text.strip()
+    return str(ds.get(keyword, "") or "").strip()
 
 
 def redact_free_text(protocol: dict, ds, schema: Schema) -> dict:
@@ -217,12 +252,13 @@ def _scan_file(root, path, schema, salt, site_from) -> ScanRecord:
         reason = _pixel_problem(path, ds)
         if reason:
             return ScanRecord(path=path, reason=reason)
-        sop = str(ds.get("SOPInstanceUID", "") or "").strip()
+        text_ok = ascii_text_safe(ds)
+        sop = single_text(ds, "SOPInstanceUID", text_ok)
         if not sop:
             return ScanRecord(path=path, reason="no SOPInstanceUID (cannot identify the instance)")
-        study = str(ds.get("StudyInstanceUID", "") or "").strip()
-        series = str(ds.get("SeriesInstanceUID", "") or "").strip()
-        patient = str(ds.get("PatientID", "") or "").strip()
+        study = single_text(ds, "StudyInstanceUID", text_ok)
+        series = single_text(ds, "SeriesInstanceUID", text_ok)
+        patient = single_text(ds, "PatientID", text_ok)
         # Missing identity degrades to the next level up, each in its own namespace, so an
         # instance without a PatientID is its own "patient" rather than everyone's.
         study = study or f"no-study:{series or sop}"
@@ -241,7 +277,7 @@ def _scan_file(root, path, schema, salt, site_from) -> ScanRecord:
             study_key=hash_key(salt, "study", study),
             series_key=hash_key(salt, "series", series),
             instance_key=hash_key(salt, "instance", sop),
-            modality=normalize_text(str(ds.get("Modality", "") or "")) or "OT",
+            modality=normalize_text(single_text(ds, "Modality", text_ok)) or "OT",
             manufacturer=protocol.get("Manufacturer"),
             n_frames=max(1, len(geometry)),
             protocol=protocol,

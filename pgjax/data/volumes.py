@@ -173,7 +173,12 @@ def resample_volume(
     lower = np.clip(np.searchsorted(positions, targets, side="right") - 1, 0, len(positions) - 2)
     weight = (targets - positions[lower]) / (positions[lower + 1] - positions[lower])
     weight = np.clip(weight, 0.0, 1.0).astype(np.float32)[:, None, None]
-    volume = (1.0 - weight) * in_plane[lower] + weight * in_plane[lower + 1]
+    # (1 - w) * below + w * above, in place on the two gathered copies.
+    volume = in_plane[lower]
+    volume *= 1.0 - weight
+    above = in_plane[lower + 1]
+    above *= weight
+    volume += above
 
     extent = float(positions[-1] - positions[0])
     return volume.astype(np.float32, copy=False), {
