@@ -122,8 +122,9 @@ def real_corpus(root: Path) -> dict:
     (broken / "notes.txt").write_text(f"patient {PLANTED_NAME} called\n")
     shutil.copy(get_testdata_file("DICOMDIR"), broken / "DICOMDIR")
     copy_with_identity(get_testdata_file("rtplan.dcm"), broken / "plan.dcm", 90, "rtplan")
-    bad = copy_with_identity(get_testdata_file("MR_small.dcm"), broken / "unknown_syntax.dcm",
-                             91, "badsyntax")
+    bad = copy_with_identity(
+        get_testdata_file("MR_small.dcm"), broken / "unknown_syntax.dcm", 91, "badsyntax"
+    )
     ds = pydicom.dcmread(bad)
     ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.9.9999.1"
     ds.save_as(bad, enforce_file_format=False)

@@ -58,7 +58,8 @@ def test_train_bench_on_a_store(tmp_path):
     run, small = json.loads(Path(path).read_text())["figures"]["runs"]
     assert run["devices"] == 8 and run["steps_per_s"] > 0 and run["flops_per_step"] > 0
     assert run["host_overhead_share"] <= 1 and run["mfu"] is None  # no CPU peak
-    assert len(run["loop_step_s_per_round"]) == len(run["resident_step_s_per_round"]) == 3
+    assert len(run["loop_step_s_per_round"]) == len(run["resident_step_s_per_round"]) == 5
+    assert run["input_s_per_batch"] > 0 and run["input_share_of_step"] > 0
     # The image-size sweep: a quarter of the pixels, fewer FLOPs; no store loop at that size.
     assert small["image_shape"] == [16, 16] and "host_overhead_share" not in small
     assert small["flops_per_step"] < run["flops_per_step"]

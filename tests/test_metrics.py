@@ -52,12 +52,12 @@ def literal_delong(labels, score_rows):
     S01 = [[0.0] * k for _ in range(k)]
     for r in range(k):
         for s in range(k):
-            S10[r][s] = sum(
-                (V10[r][i] - theta[r]) * (V10[s][i] - theta[s]) for i in range(m)
-            ) / (m - 1)
-            S01[r][s] = sum(
-                (V01[r][j] - theta[r]) * (V01[s][j] - theta[s]) for j in range(n)
-            ) / (n - 1)
+            S10[r][s] = sum((V10[r][i] - theta[r]) * (V10[s][i] - theta[s]) for i in range(m)) / (
+                m - 1
+            )
+            S01[r][s] = sum((V01[r][j] - theta[r]) * (V01[s][j] - theta[s]) for j in range(n)) / (
+                n - 1
+            )
     S = [[S10[r][s] / m + S01[r][s] / n for s in range(k)] for r in range(k)]
     return theta, S
 
@@ -356,7 +356,12 @@ def test_bootstrap_is_deterministic_and_matches_the_slow_path(name):
     # A plain callable is evaluated on explicitly built resamples (np.repeat of each drawn
     # item): the same resamples must give the same interval as the weighted, vectorised path.
     slow = M.bootstrap_ci(
-        lambda a, b: metric(a, b), y, p, clusters=keys, n_boot=300, seed=7,
+        lambda a, b: metric(a, b),
+        y,
+        p,
+        clusters=keys,
+        n_boot=300,
+        seed=7,
         skip_single_class=name == "auroc",
     )
     assert tuple(slow) == pytest.approx(tuple(first), abs=1e-12)

@@ -424,9 +424,7 @@ def test_series_translation_predicts_the_partner_series_hidden_settings():
     # other fields are shown; items without a partner contribute nothing.
     config = make_config(
         [],
-        translation=dict(
-            weight=1.0, source=("KVP",), target=("Manufacturer",), series_weight=2.0
-        ),
+        translation=dict(weight=1.0, source=("KVP",), target=("Manufacturer",), series_weight=2.0),
     )
     objective = ob.build_objective(config, INFO, None)
     target = [k for k, t in zip(INFO.keywords, objective.series_target, strict=True) if t]

@@ -118,10 +118,13 @@ def measure_step(config, info, image_shape, devices, steps: int) -> dict:
     }
 
 
-def measure_loop(config, m: dict, steps: int, rounds: int = 3) -> dict:
+def measure_loop(config, m: dict, steps: int, rounds: int = 5) -> dict:
     """The real loop (store -> Grain -> global arrays -> step) against the compiled step on a
-    resident batch, timed in alternating rounds (a shared machine's load drifts): the share of
-    step time spent outside the compiled step is the host overhead."""
+    resident batch, timed in alternating rounds after an uncounted warm-up round (a shared
+    machine's load drifts, so each round's pair is compared): the share of step time spent
+    outside the compiled step is the host overhead. The input side alone (next batch from
+    Grain, then to global arrays, without a step) is timed too: it bounds the overhead from
+    above when nothing overlaps, and shows how far below the noise a tiny share is."""
     from pgjax.train import mesh as mesh_lib
     from pgjax.train.input_pipeline import make_iterator, to_global
     from pgjax.train.train import input_config
@@ -130,6 +133,9 @@ def measure_loop(config, m: dict, steps: int, rounds: int = 3) -> dict:
     sharding = mesh_lib.batch_sharding(m["setup"].mesh)
     state, compiled = m["state"], m["compiled"]
     resident = m["batch"]
+
+    def from_store():
+        return to_global(next(it), sharding)
 
     def timed(next_batch) -> float:
         nonlocal state
@@ -141,21 +147,34 @@ def measure_loop(config, m: dict, steps: int, rounds: int = 3) -> dict:
         jax.block_until_ready(metrics)
         return (time.perf_counter() - t0) / steps
 
-    step_s, loop_s = [], []
+    def input_alone() -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            jax.block_until_ready(from_store())
+        return (time.perf_counter() - t0) / steps
+
+    timed(lambda: resident), timed(from_store)  # warm-up: caches, threads, first reads
+    step_s, loop_s, input_s = [], [], []
     for _ in range(rounds):
         step_s.append(timed(lambda: resident))
-        loop_s.append(timed(lambda: to_global(next(it), sharding)))
+        loop_s.append(timed(from_store))
+        input_s.append(input_alone())
     close = getattr(it, "close", None)
     if close:
         close()
+    shares = [1 - s / loop for s, loop in zip(step_s, loop_s, strict=True)]
     step, loop = float(np.median(step_s)), float(np.median(loop_s))
     return {
         "loop_step_s": loop,
         "loop_images_per_s": config.input.global_batch / loop,
         "resident_step_s_per_round": step_s,
         "loop_step_s_per_round": loop_s,
-        # Not clamped: a negative share says the difference is below the timing noise.
-        "host_overhead_share": 1 - step / loop,
+        "host_overhead_share_per_round": shares,
+        # Median of the per-round pairs, not clamped: a negative share says the difference is
+        # below the timing noise.
+        "host_overhead_share": float(np.median(shares)),
+        "input_s_per_batch": float(np.median(input_s)),
+        "input_share_of_step": float(np.median(input_s)) / step,
     }
 
 
