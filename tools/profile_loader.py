@@ -2,9 +2,13 @@
 
     python tools/profile_loader.py STORE [--batch 256] [--steps 30] [--rounds 5] [--top 15]
 
-Times, alternately, TensorStore's batched read of the same batches, the pipeline's batch source
-alone (`BatchSource[step]`, no Grain), and the pipeline (Grain + TensorStore -> global arrays)
-with 1 and 2 Grain read threads, then prints where the pipeline's main thread spends its time.
+Times, alternately, one layer at a time: TensorStore's batched read of the same batches (the
+limit `pgjax bench loader` divides by), the same read into a 64-byte aligned buffer (what XLA's
+CPU client needs to alias instead of copy), the pipeline's batch source alone
+(`BatchSource[step]`, no Grain), the batch source made global arrays (no Grain), and the
+pipeline (Grain + TensorStore -> global arrays) with 1 and 2 Grain read threads; then prints
+where the pipeline's main thread spends its time. Run it with the bench's device count
+(XLA_FLAGS=--xla_force_host_platform_device_count=8) to see the same `to_global` cost.
 With 0 workers Grain reads on its own threads, so time the main thread spends waiting for a
 batch (`acquire` of a lock) is time the read itself takes. This is how the README's loader
 profile was taken.
@@ -22,7 +26,13 @@ import jax
 import numpy as np
 
 from pgjax.train import mesh as mesh_lib
-from pgjax.train.input_pipeline import BatchSource, InputConfig, make_iterator, to_global
+from pgjax.train.input_pipeline import (
+    BatchSource,
+    InputConfig,
+    aligned_empty,
+    make_iterator,
+    to_global,
+)
 
 
 def main() -> None:
@@ -40,14 +50,24 @@ def main() -> None:
     pixels = source._arrays["pixels"]
     it, _ = make_iterator(cfg, 0)
     it2, _ = make_iterator(dataclasses.replace(cfg, read_threads=2), 0)
+
+    def read_aligned(s):
+        import tensorstore as ts
+
+        rows = source.global_rows(s)
+        out = aligned_empty((len(rows), *pixels.shape[1:]), pixels.dtype.numpy_dtype)
+        ts.array(out, copy=False, write=True).write(pixels[rows]).result()
+
     runs = {
         "TensorStore batched read": lambda s: pixels[source.global_rows(s)].read().result(),
+        "same read into an aligned buffer": read_aligned,
         # The pipeline's own batch read, no Grain and no device arrays: what Grain adds.
         "batch source alone": lambda s: source[s],
-        "pipeline (global arrays)": lambda s: jax.block_until_ready(to_global(next(it), sharding)),
-        "pipeline, 2 read threads": lambda s: jax.block_until_ready(
-            to_global(next(it2), sharding)
+        "batch source + global arrays": lambda s: jax.block_until_ready(
+            to_global(source[s], sharding)
         ),
+        "pipeline (global arrays)": lambda s: jax.block_until_ready(to_global(next(it), sharding)),
+        "pipeline, 2 read threads": lambda s: jax.block_until_ready(to_global(next(it2), sharding)),
     }
     rates = {k: [] for k in runs}
     step = 0

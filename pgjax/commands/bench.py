@@ -14,6 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pre.add_argument("inputs", nargs="*", help="DICOM folders (default: a synthetic corpus)")
     pre.add_argument("--studies", type=int, default=60, help="synthetic corpus size")
     pre.add_argument("--workers", default="1,2", help="worker counts to measure, e.g. 1,2")
+    pre.add_argument("--rounds", type=int, default=3, help="alternating rounds per count")
     pre.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
     tr = sub.add_parser("train", help="train step time, images/s, XLA FLOPs, MFU")
     tr.add_argument("--config", required=True, help="configs/NAME.py[:VARIANT]")
@@ -68,7 +69,9 @@ def run(args) -> int:
         from pgjax.bench.preprocess import run_bench
 
         workers = [int(w) for w in args.workers.split(",") if w]
-        path = run_bench([Path(p) for p in args.inputs], args.studies, workers, args.out)
+        path = run_bench(
+            [Path(p) for p in args.inputs], args.studies, workers, args.out, rounds=args.rounds
+        )
         print(f"record: {path}")
     elif args.bench == "train":
         from pgjax.bench.train import run_bench as run_train_bench
