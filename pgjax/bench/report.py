@@ -109,7 +109,8 @@ def write_report(results_dir: str | Path = "benchmarks/results") -> Path:
     records = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     lines = ["# Benchmark results", "",
              "Made by `pgjax bench report` from the JSON records in `results/`; each row names",
-             "the machine it was measured on.", ""]  # fmt: skip
+             "the machine it was measured on. What bounds each figure, with profiles, is in",
+             "the top-level README, section 'Performance, as measured'.", ""]  # fmt: skip
     loader = [row for r in records if r["benchmark"] == "loader" for row in _loader_rows(r)]
     if loader:
         lines += ["## Input pipeline (`pgjax bench loader`)", "",
@@ -176,13 +177,18 @@ def _plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    # One colour per record in every panel (a record may lack a sweep).
+    labels = list(dict.fromkeys(label for lines in series.values() for label, _ in lines))
+    colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     for ax, (name, lines) in zip(axes, series.items(), strict=True):
         for label, pts in lines:
             if len(pts) > 1:
-                ax.plot(*zip(*sorted(set(pts)), strict=True), marker="o", label=label)
+                xy = zip(*sorted(set(pts)), strict=True)
+                ax.plot(*xy, marker="o", label=label, color=colour[label])
         ax.set_xlabel(name)
         ax.set_ylabel("step time (s)")
-    axes[0].legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle("train step time, one factor at a time")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
