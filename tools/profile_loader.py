@@ -5,11 +5,11 @@
 Times, alternately, one layer at a time: TensorStore's batched read of the same batches (the
 limit `pgjax bench loader` divides by), that read placed on the devices (XLA copies it), the
 same read into a 64-byte aligned buffer (what XLA's CPU client needs to alias instead of
-copy), the pipeline's batch source alone
-(`BatchSource[step]`, no Grain), the batch source made global arrays (no Grain), and the
-pipeline (Grain + TensorStore -> global arrays) with 1 and 2 Grain read threads; then prints
-where the pipeline's main thread spends its time. Run it with the bench's device count
-(XLA_FLAGS=--xla_force_host_platform_device_count=8) to see the same `to_global` cost.
+copy), the pipeline's batch source alone (`BatchSource[step]`, no Grain), the batch source
+made global arrays (no Grain), and the pipeline (Grain + TensorStore -> global arrays) with 1
+and 2 Grain read threads; then prints where the pipeline's main thread spends its time. Run
+it with the bench's device count (XLA_FLAGS=--xla_force_host_platform_device_count=8) to see
+the same `to_global` cost.
 With 0 workers Grain reads on its own threads, so time the main thread spends waiting for a
 batch (`acquire` of a lock) is time the read itself takes. This is how the README's loader
 profile was taken.
@@ -25,6 +25,7 @@ import time
 
 import jax
 import numpy as np
+import tensorstore as ts
 
 from pgjax.train import mesh as mesh_lib
 from pgjax.train.input_pipeline import (
@@ -53,8 +54,6 @@ def main() -> None:
     it2, _ = make_iterator(dataclasses.replace(cfg, read_threads=2), 0)
 
     def read_aligned(s):
-        import tensorstore as ts
-
         rows = source.global_rows(s)
         out = aligned_empty((len(rows), *pixels.shape[1:]), pixels.dtype.numpy_dtype)
         ts.array(out, copy=False, write=True).write(pixels[rows]).result()
@@ -66,7 +65,8 @@ def main() -> None:
         "TensorStore read + global arrays": lambda s: jax.block_until_ready(
             jax.device_put(pixels[source.global_rows(s)].read().result(), sharding)
         ),
-        # The pipeline's own batch read, no Grain and no device arrays: what Grain adds.
+        # The pipeline's own batch read, no Grain; then made global arrays: beside the pipeline
+        # below, what Grain adds.
         "batch source alone": lambda s: source[s],
         "batch source + global arrays": lambda s: jax.block_until_ready(
             to_global(source[s], sharding)

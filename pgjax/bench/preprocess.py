@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 
 from pgjax.bench.record import write_record
@@ -67,9 +68,8 @@ def pipeline(inputs: list[Path], store: Path, workers: int, cfg) -> dict[str, fl
 def run_bench(
     inputs: list[Path] | None, studies: int, workers_list: list[int], out_dir, rounds: int = 3
 ) -> Path:
-    import numpy as np
-
     from pgjax.data.config import PreprocessConfig
+    from pgjax.data.preprocess import default_private
     from pgjax.data.scan import list_files
 
     workdir = Path(tempfile.mkdtemp(prefix="pgjax-bench-"))
@@ -91,7 +91,7 @@ def run_bench(
                 dec.append(decode_only(paths, w))
                 store = workdir / f"store-w{w}-r{r}"
                 times.append(pipeline(inputs, store, w, cfg))
-                shutil.rmtree(store.parent / f"{store.name}.private", ignore_errors=True)
+                shutil.rmtree(default_private(store), ignore_errors=True)
                 shutil.rmtree(store, ignore_errors=True)
             ratios = [d / t["total"] for d, t in zip(dec, times, strict=True)]
             med = {k: float(np.median([t[k] for t in times])) for k in times[0]}

@@ -153,7 +153,9 @@ def measure_loop(config, m: dict, steps: int, rounds: int = 5) -> dict:
             jax.block_until_ready(from_store())
         return (time.perf_counter() - t0) / steps
 
-    timed(lambda: resident), timed(from_store)  # warm-up: caches, threads, first reads
+    # Warm-up round, not counted: caches, threads, first reads.
+    timed(lambda: resident)
+    timed(from_store)
     step_s, loop_s, input_s = [], [], []
     for _ in range(rounds):
         step_s.append(timed(lambda: resident))
