@@ -27,6 +27,17 @@ def test_preprocess_bench_writes_a_record_and_the_report_reads_it(tmp_path):
     assert "| 1 |" in report and record["time_utc"] in report
 
 
+def test_preprocess_bench_on_an_empty_folder_says_so_and_writes_no_record(tmp_path, capsys):
+    from pgjax.cli import main
+
+    (tmp_path / "empty").mkdir()
+    results = tmp_path / "results"
+    argv = ["bench", "preprocess", str(tmp_path / "empty"), "--rounds", "1", "--out", str(results)]
+    assert main(argv) == 2
+    assert f"no files under {tmp_path / 'empty'}" in capsys.readouterr().err
+    assert not list(results.glob("*.json"))
+
+
 @pytest.mark.slow
 def test_train_bench_on_a_store(tmp_path):
     from dicom_corpus import copy_with_identity

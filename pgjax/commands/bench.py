@@ -69,9 +69,13 @@ def run(args) -> int:
         from pgjax.bench.preprocess import run_bench
 
         workers = [int(w) for w in args.workers.split(",") if w]
-        path = run_bench(
-            [Path(p) for p in args.inputs], args.studies, workers, args.out, rounds=args.rounds
-        )
+        try:
+            path = run_bench(
+                [Path(p) for p in args.inputs], args.studies, workers, args.out, rounds=args.rounds
+            )
+        except (ValueError, FileNotFoundError) as e:  # e.g. no DICOM files under the inputs
+            print(f"pgjax bench preprocess: {e}", file=sys.stderr)
+            return 2
         print(f"record: {path}")
     elif args.bench == "train":
         from pgjax.bench.train import run_bench as run_train_bench
