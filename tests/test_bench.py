@@ -67,7 +67,10 @@ def test_train_bench_on_a_store(tmp_path):
         image_sizes=[16],
         out_dir=tmp_path / "results",
     )
-    run, small = json.loads(Path(path).read_text())["figures"]["runs"]
+    record = json.loads(Path(path).read_text())
+    run, small = record["figures"]["runs"]
+    assert record["settings"]["overrides"] == ["input.store=(given)"]
+    assert str(tmp_path) not in Path(path).read_text()
     assert run["devices"] == 8 and run["steps_per_s"] > 0 and run["flops_per_step"] > 0
     assert run["host_overhead_share"] <= 1 and run["mfu"] is None  # no CPU peak
     assert len(run["loop_step_s_per_round"]) == len(run["resident_step_s_per_round"]) == 5

@@ -230,7 +230,11 @@ def run_bench(
         del m
     settings = {
         "config": config_path,
-        "overrides": list(overrides),
+        # The store's path stays on this machine (records are committed; paths can name
+        # people or sites), as in the loader bench's record.
+        "overrides": [
+            "input.store=(given)" if o.startswith("input.store=") else o for o in overrides
+        ],
         "device_kind": devices[0].device_kind,
         "platform": devices[0].platform,
         "image_shape": image_shape,
