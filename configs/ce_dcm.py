@@ -2,10 +2,10 @@
 discriminator conditioned on DICOM tags, hinge loss, alternating updates. ResNet-50 as in the
 paper."""
 
-from pgjax.train.defaults import base_config, only, shrink_for_cpu
+from pgjax.train.defaults import base_config, only, variant
 
 
 def get_config(arg: str = ""):
     c = only(base_config(), "ce_dcm")
     c.model.image_encoder = "resnet50"
-    return shrink_for_cpu(c) if arg == "tiny" else c
+    return variant(c, arg)

@@ -1,8 +1,8 @@
 """Baseline: MAE (masked image modelling, 75% of patches hidden; He et al. 2022)."""
 
-from pgjax.train.defaults import base_config, only, shrink_for_cpu
+from pgjax.train.defaults import base_config, only, variant
 
 
 def get_config(arg: str = ""):
     c = only(base_config(), "mae")
-    return shrink_for_cpu(c) if arg == "tiny" else c
+    return variant(c, arg)

@@ -4,9 +4,9 @@ ViT-B/16 on 256x256 images, global batch 256, bf16 compute: the cluster config.
 `configs/pg.py:tiny` is the same experiment at CPU size (tests, the demo).
 """
 
-from pgjax.train.defaults import base_config, shrink_for_cpu
+from pgjax.train.defaults import base_config, variant
 
 
 def get_config(arg: str = ""):
     c = base_config()
-    return shrink_for_cpu(c) if arg == "tiny" else c
+    return variant(c, arg)

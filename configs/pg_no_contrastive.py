@@ -1,9 +1,9 @@
 """Ablation: Protocol Genome without the contrastive objective (its weight is 0)."""
 
-from pgjax.train.defaults import base_config, shrink_for_cpu
+from pgjax.train.defaults import base_config, variant
 
 
 def get_config(arg: str = ""):
     c = base_config()
     c.objectives.contrastive.weight = 0.0
-    return shrink_for_cpu(c) if arg == "tiny" else c
+    return variant(c, arg)
