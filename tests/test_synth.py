@@ -362,6 +362,12 @@ def test_a_site_file_written_by_someone_else(tmp_path):
         assert 101 <= float(ds.KVP) <= 104 if portable else 131 <= float(ds.KVP) <= 139
         assert ds.BitsStored == 14
     assert all(ds.Manufacturer == "SIEMENS" for ds in by_site["south"])
+    # Spawned workers get the file's sites too: the same corpus.
+    again = write_corpus(tmp_path / "w", sites=path, workers=2, **xr)
+    assert again == summary
+    assert (tmp_path / "w" / "labels.csv").read_bytes() == (
+        tmp_path / "c" / "labels.csv"
+    ).read_bytes()
     # The same sites as JSON parse to the same thing; the CLI takes the file too.
     import tomllib
 
