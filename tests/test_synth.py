@@ -1,5 +1,6 @@
-"""The synthetic corpus: valid DICOM, determinism, physics measured on generated images, ground
-truth, the site shortcut, and fake PHI where a de-identifier must find it.
+"""The synthetic corpus: valid DICOM, determinism, site files, physics measured on generated
+images, ground truth, the protocol/label association, and fake PHI where a de-identifier must
+find it.
 
 Corpora here use tiny images (32-64 px, a few slices) so the whole file runs in seconds.
 """
@@ -12,7 +13,7 @@ import io
 import json
 import subprocess
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,18 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from pgjax.cli import main as cli_main
-from pgjax.synth import phantoms, physics, sites
-from pgjax.synth.corpus import SynthSettings, rle_encode_frame, study_truths, write_corpus
+from pgjax.synth import phantoms, physics, sitefile, sites
+from pgjax.synth.corpus import (
+    SynthSettings,
+    make_patient,
+    plan_corpus,
+    rle_encode_frame,
+    study_truths,
+    write_corpus,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARK = REPO / "configs" / "sites" / "benchmark.toml"
 
 TINY = dict(
     radiograph_size=64,
@@ -280,6 +291,226 @@ def test_cli_writes_a_corpus_and_rejects_bad_input(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# Site files
+
+# A site file as someone outside the project might write it: a vendor and models the code does
+# not know, its own kVp ranges and view mix, most fields left to their defaults.
+THEIR_SITES = """
+description = "two hospitals of a study group"
+
+[[scanners]]
+manufacturer = "Acme Imaging"
+model = "Radiant 9000"
+modality = "XR"
+bits_stored = 14
+gain = 0.18
+unsharp = 1.2
+
+[[scanners]]
+manufacturer = "Acme Imaging"
+model = "Radiant Go"
+modality = "XR"
+portable = true
+bits_stored = 14
+gain = 0.18
+
+[[sites]]
+name = "north"
+institution = "North Shore Hospital"
+fleet = { "Radiant 9000" = 1.0, "Radiant Go" = 1.0 }
+radiograph = { pa_kvp = [131, 139], ap_kvp = [101, 104], modality = "CR" }
+view = { p_ap_negative = 0.05, p_ap_positive = 0.95 }
+case_mix = { ctr_mean = 0.52 }
+
+[[sites]]
+name = "south"
+role = "external"
+shift = "reversal"
+share = 2.0
+fleet = { "Ysio Max" = 1.0, "Mobilett Mira Max" = 1.0 }
+view = { p_ap_negative = 0.9, p_ap_positive = 0.1 }
+"""
+
+
+def _headers(root: Path) -> list[Dataset]:
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in _files(root)]
+
+
+def test_a_site_file_written_by_someone_else(tmp_path):
+    path = tmp_path / "their_sites.toml"
+    path.write_text(THEIR_SITES)
+    xr = dict(TINY, studies=24, seed=1, modality_mix=(1, 0, 0, 0))
+    summary = write_corpus(tmp_path / "c", sites=path, **xr)
+    assert summary["settings"]["site_file"] == "their_sites.toml"
+    assert summary["external_sites"] == ["south"] and summary["shift_types"] == {
+        "south": "reversal"
+    }
+    north, south = summary["sites"]["north"], summary["sites"]["south"]
+    assert (north["role"], north["shift"], south["role"]) == ("training", "none", "external")
+    assert south["studies"] > north["studies"]  # share 2 : 1
+    expected = north["tasks"]["cardiomegaly"]
+    assert expected["expected_p_flag_given_negative"] == 0.05
+    assert expected["expected_p_flag_given_positive"] == 0.95
+    by_site = defaultdict(list)
+    for ds in _headers(tmp_path / "c"):
+        by_site[Path(ds.filename).relative_to(tmp_path / "c" / "dicom").parts[0]].append(ds)
+    assert set(by_site) == {"north", "south"}
+    for ds in by_site["north"]:
+        assert ds.Manufacturer == "Acme Imaging" and ds.Modality == "CR"
+        portable = ds.ManufacturerModelName == "Radiant Go"
+        assert portable == (ds.ViewPosition == "AP")
+        assert 101 <= float(ds.KVP) <= 104 if portable else 131 <= float(ds.KVP) <= 139
+        assert ds.BitsStored == 14
+    assert all(ds.Manufacturer == "SIEMENS" for ds in by_site["south"])
+    # Spawned workers get the file's sites too: the same corpus.
+    again = write_corpus(tmp_path / "w", sites=path, workers=2, **xr)
+    assert again == summary
+    assert (tmp_path / "w" / "labels.csv").read_bytes() == (
+        tmp_path / "c" / "labels.csv"
+    ).read_bytes()
+    # The same sites as JSON parse to the same thing; the CLI takes the file too.
+    import tomllib
+
+    as_json = tmp_path / "their_sites.json"
+    as_json.write_text(json.dumps(tomllib.loads(THEIR_SITES)))
+    assert sitefile.load_site_file(as_json) == sitefile.load_site_file(path)
+    args = ["synth", "--out", str(tmp_path / "cli"), "--studies", "2", "--sites", str(as_json)]
+    assert cli_main(args + ["--mix", "1,0,0,0", "--xr-size", "32"]) == 0
+
+
+def _bad(tmp_path, text: str, name="sites.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(sitefile.SiteFileError) as error:
+        sitefile.load_site_file(path)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("p_ap_positive = 0.95", "p_ap_positive = 1.4",
+         "sites[0].view.p_ap_positive must be in [0, 1], not 1.4"),
+        ('name = "north"', 'name = "north"\ncolour = "blue"',
+         "sites[0].colour is not a known field"),
+        ("case_mix = { ctr_mean = 0.52 }", "case_mix = { ctr_mean = 0.52, prevalance = 0.3 }",
+         "sites[0].case_mix.prevalance is not a known field"),
+        ('"Radiant Go" = 1.0 }', '"Radiant Goo" = 1.0 }',
+         "sites[0].fleet.Radiant Goo is not a known scanner model"),
+        ('shift = "reversal"', 'shift = "sideways"',
+         "sites[1].shift must be one of none, acquisition, case_mix, reversal, not 'sideways'"),
+        ('role = "external"\nshift = "reversal"', 'shift = "reversal"',
+         "sites[1].shift of a training site must be \"none\""),
+        ("p_ap_negative = 0.9, p_ap_positive = 0.1", "p_ap_negative = 0.1, p_ap_positive = 0.9",
+         "sites[1].view.p_ap_negative of a reversal site must exceed p_ap_positive"),
+        ("p_ap_negative = 0.05, p_ap_positive = 0.95", "p_ap_negative = 0.5, p_ap_positive = 0.2",
+         "sites[0].view.p_ap_positive (0.2) is below p_ap_negative (0.5)"),
+        ("pa_kvp = [131, 139]", "pa_kvp = [139, 131]",
+         "sites[0].radiograph.pa_kvp must be a range"),
+        ("pa_kvp = [131, 139]", 'pa_kvp = "high"', "sites[0].radiograph.pa_kvp must be a range"),
+        ('modality = "CR"', 'modality = "XA"',
+         "sites[0].radiograph.modality must be one of DX, CR"),
+        ('name = "south"', 'name = "north"', "sites[1].name 'north' is used by an earlier site"),
+        ('model = "Radiant Go"', 'model = "Ysio Max"',
+         "scanners[1].model 'Ysio Max' is a built-in"),
+        ("bits_stored = 14\ngain = 0.18\nunsharp", "bits_stored = 40\ngain = 0.18\nunsharp",
+         "scanners[0].bits_stored must be in [8, 16], not 40"),
+        ('modality = "XR"\nportable', 'modality = "XR"\nkernels = {}\nportable',
+         "scanners[1].kernels is not a known field"),
+        ('name = "north"', "name = 7", "sites[0].name must be a non-empty string, not 7"),
+        ('fleet = { "Ysio Max" = 1.0, "Mobilett Mira Max" = 1.0 }', "",
+         "sites[1].fleet is required"),
+        ("[[sites]]", "[[sites]\n", "not valid TOML"),
+    ],
+)  # fmt: skip
+def test_bad_site_files_name_the_file_and_the_field(tmp_path, old, new, message):
+    assert old in THEIR_SITES
+    error = _bad(tmp_path, THEIR_SITES.replace(old, new, 1))
+    assert error.startswith(f"{tmp_path / 'sites.toml'}: ")
+    assert message in error
+
+
+def test_site_files_need_a_known_format_and_sites(tmp_path, capsys):
+    assert "must end in .toml or .json" in _bad(tmp_path, THEIR_SITES, "sites.yaml")
+    assert "at least one [[sites]]" in _bad(tmp_path, 'description = "empty"\n')
+    assert "not valid JSON" in _bad(tmp_path, "{", "sites.json")
+    with pytest.raises(sitefile.SiteFileError, match="x.toml: cannot read"):
+        sitefile.load_site_file(tmp_path / "x.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(THEIR_SITES.replace("p_ap_positive = 0.95", "p_ap_positive = 1.4"))
+    assert cli_main(["synth", "--out", str(tmp_path / "c"), "--sites", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.toml: sites[0].view.p_ap_positive must be in [0, 1], not 1.4" in err
+    # A modality asked for that a site cannot make is named too.
+    good = tmp_path / "good.toml"
+    good.write_text(THEIR_SITES)
+    assert cli_main(["synth", "--out", str(tmp_path / "d"), "--sites", str(good)]) == 2
+    assert "asks for CT but site north has no CT scanner" in capsys.readouterr().err
+
+
+def test_default_sites_ship_with_the_package_and_sites_n_takes_the_first_n(tmp_path):
+    import fnmatch
+    import tomllib
+
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["pgjax"]
+    relative = sitefile.DEFAULT_FILE.relative_to(REPO / "pgjax").as_posix()
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in package_data)
+    default = sitefile.default_sites()
+    assert [s.name for s in default] == ["site_a", "site_b", "site_c", "site_d"]
+    assert [s.name for s in default if s.external] == ["site_d"]
+    assert default[3].shift == "acquisition"
+    training_xr = {m.model for s in default[:3] for m, _ in s.scanners("XR")}
+    assert not training_xr & {m.model for m, _ in default[3].scanners("XR")}
+    assert default[3].pa_kvp[0] > max(s.pa_kvp[1] for s in default[:3])
+    out = tmp_path / "c"
+    args = ["synth", "--out", str(out), "--studies", "4", "--sites", "2", "--mix", "1,0,0,0"]
+    assert cli_main(args + ["--xr-size", "32", "--external-site", "site_b"]) == 0
+    summary = json.loads((out / "corpus.json").read_text())
+    assert list(summary["sites"]) == ["site_a", "site_b"]
+    assert summary["external_sites"] == ["site_b"]
+    with pytest.raises(ValueError, match="number of sites must be 1..4"):
+        sitefile.select_sites(None, 5)
+    with pytest.raises(ValueError, match="'site_x' is not one of"):
+        sitefile.select_sites(None, None, ("site_x",))
+
+
+def test_the_benchmark_sites_give_each_shift_type_enough_positives():
+    benchmark = sitefile.load_site_file(BENCHMARK)
+    by_name = {s.name: s for s in benchmark}
+    training = [s for s in benchmark if not s.external]
+    assert [s.name for s in training] == ["site_a", "site_b", "site_c"]
+    assert {s.name: s.shift for s in benchmark if s.external} == {
+        "ext_acquisition": "acquisition", "ext_casemix": "case_mix", "ext_reversal": "reversal"
+    }  # fmt: skip
+    acquisition = by_name["ext_acquisition"]
+    # Every scanner of a labelled modality is new (ultrasound carries no task).
+    seen = {m.model for s in training for m, _ in s.fleet}
+    assert not seen & {m.model for m, _ in acquisition.fleet if m.modality != "US"}
+    assert not {m.manufacturer for s in training for m, _ in s.scanners("XR")} & {
+        m.manufacturer for m, _ in acquisition.scanners("XR")
+    }
+    assert acquisition.pa_kvp[0] > max(s.pa_kvp[1] for s in training)
+    assert acquisition.ap_kvp[0] > max(s.ap_kvp[1] for s in training)
+    # A radiograph corpus at the low end of the benchmark's size holds >= 250 positives at every
+    # external site (checked on the labels that would be written, without pixels).
+    settings = SynthSettings(studies=4000, seed=1, modality_mix=(1, 0, 0, 0), sites=benchmark)
+    positives = Counter()
+    for plan, truth in study_truths(settings):
+        positives[benchmark[plan.site].name] += truth.label
+    assert all(positives[s.name] >= 250 for s in benchmark if s.external), positives
+
+
+def test_plan_follows_the_site_shares():
+    default = sitefile.default_sites()
+    shared = [dataclasses.replace(s, share=w) for s, w in zip(default, (1, 3, 0, 1), strict=True)]
+    counts = Counter(p.site for p in plan_corpus(SynthSettings(studies=2000, sites=shared)))
+    assert counts[2] == 0
+    assert counts[1] / 2000 == pytest.approx(0.6, abs=0.04)
+
+
+# ---------------------------------------------------------------------------------------------
 # Ground truth and the shortcut
 
 
@@ -291,13 +522,40 @@ def test_labels_agree_with_their_scores_and_the_summary(corpus):
     for row in rows:
         assert row["study_uid"] in study_uids
         label, score = int(row["label"]), float(row["score"])
-        if row["task"] in ("cardiomegaly", "glioma_grade"):
+        if row["task"] == "glioma_grade":
             assert label == int(score > 0.5)
+        elif row["task"] == "cardiomegaly":  # a noisy read of the true ratio (next test)
+            assert sites.CTR_LIMITS[0] <= score <= sites.CTR_LIMITS[1]
         else:
             assert row["task"] == "pe" and label == int(score > 0)
         counts[row["task"]][row["label"]] += 1
     summary = json.loads((corpus / "corpus.json").read_text())
     assert summary["counts"]["label"] == dict(counts)
+
+
+def _ctr_reads(settings) -> tuple[np.ndarray, np.ndarray]:
+    """(true ratio, label) of every radiograph study of a corpus, without pixels."""
+    truths = study_truths(settings)
+    ctr = [make_patient(settings, p.patient, p.site).ctr for p, t in truths]
+    return np.array(ctr), np.array([t.label for _, t in truths])
+
+
+def test_cardiomegaly_is_a_noisy_read_of_a_continuous_latent():
+    site = sitefile.default_sites()[0]
+    xr = dict(studies=2000, seed=2, modality_mix=(1, 0, 0, 0))
+    ctr, label = _ctr_reads(SynthSettings(**xr, sites=(site,)))
+    # The latent is continuous and overlaps the threshold; the label disagrees with it near the
+    # threshold (reading error) and, rarely, anywhere (label noise).
+    assert ctr.std() == pytest.approx(site.ctr_sd, rel=0.15)
+    disagree = label != (ctr > 0.5)
+    assert 0.04 < disagree.mean() < 0.2
+    near = np.abs(ctr - 0.5) < 2 * site.reading_sd
+    assert disagree[near].mean() > 3 * disagree[~near].mean()
+    assert label.mean() == pytest.approx(sites.site_prevalence("cardiomegaly", site), abs=0.04)
+    # Without reading error and label noise the label is the thresholded latent.
+    exact = dataclasses.replace(site, reading_sd=0.0, label_noise=0.0)
+    ctr, label = _ctr_reads(SynthSettings(**xr, sites=(exact,)))
+    assert np.array_equal(label, (ctr > 0.5).astype(int))
 
 
 def test_headers_carry_the_shortcut_flag_that_was_drawn(corpus):
@@ -323,8 +581,8 @@ def test_headers_carry_the_shortcut_flag_that_was_drawn(corpus):
             assert (kernel == sharp) == truth.flag
 
 
-def _flag_gap(truths) -> dict[str, float]:
-    """Per site: P(flag | positive) - P(flag | negative), over all tasks."""
+def _flag_gap(truths) -> dict[int, float]:
+    """Per site index: P(flag | positive) - P(flag | negative), over all tasks."""
     flags = defaultdict(lambda: ([], []))
     for plan, truth in truths:
         if truth.task:
@@ -332,23 +590,29 @@ def _flag_gap(truths) -> dict[str, float]:
     return {site: np.mean(pos) - np.mean(neg) for site, (neg, pos) in flags.items()}
 
 
-def test_shortcut_knob_sets_the_protocol_label_correlation():
-    gaps = {}
-    prevalence_spread = {}
-    for shortcut in (0.0, 1.0):
-        settings = SynthSettings(studies=3000, seed=11, shortcut=shortcut)
-        truths = study_truths(settings)
-        gaps[shortcut] = _flag_gap(truths)
-        ctr = defaultdict(list)
-        for plan, truth in truths:
-            if truth.task == "cardiomegaly":
-                ctr[plan.site].append(truth.label)
-        prevalence_spread[shortcut] = np.ptp([np.mean(v) for v in ctr.values()])
-    external = 3  # the last of 4 sites
+def test_shortcut_scales_an_association_that_points_the_same_way_at_every_site():
+    gaps = {
+        shortcut: _flag_gap(study_truths(SynthSettings(studies=3000, seed=11, shortcut=shortcut)))
+        for shortcut in (0.0, 0.5, 1.0)
+    }
     assert all(abs(g) < 0.1 for g in gaps[0.0].values())
-    assert all(g > 0.6 for s, g in gaps[1.0].items() if s != external)
-    assert gaps[1.0][external] < -0.6  # the external site breaks the shortcut
-    assert prevalence_spread[1.0] > prevalence_spread[0.0] + 0.15
+    # The default sites, external site_d included: sicker patients get the flag more often.
+    assert all(g > 0.15 for g in gaps[1.0].values())
+    assert all(gaps[0.5][s] == pytest.approx(g / 2, abs=0.08) for s, g in gaps[1.0].items())
+
+
+def test_only_the_reversal_site_reverses_the_view_and_case_mix_sets_prevalence():
+    benchmark = sitefile.load_site_file(BENCHMARK)
+    settings = SynthSettings(studies=4000, seed=0, modality_mix=(1, 0, 0, 0), sites=benchmark)
+    truths = study_truths(settings)
+    gaps = _flag_gap(truths)
+    names = [s.name for s in benchmark]
+    for i, name in enumerate(names):
+        assert (gaps[i] < -0.2) if name == "ext_reversal" else (gaps[i] > 0.15), name
+    prevalence = {
+        names[i]: np.mean([t.label for p, t in truths if p.site == i]) for i in range(len(names))
+    }
+    assert prevalence["ext_casemix"] > max(prevalence[n] for n in names if n != "ext_casemix") + 0.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,6 +776,47 @@ def test_ap_view_magnifies_the_heart_more_than_the_chest_wall():
     pa = physics.chest_magnifications(chest, "PA", 1800.0)
     ap = physics.chest_magnifications(chest, "AP", 1000.0)
     assert ap["heart"] / ap["thorax"] > pa["heart"] / pa["thorax"]
+
+
+def _apparent_ctr(chest, view: str, sid_mm: float) -> float:
+    """The cardiothoracic ratio as it appears on the projection: the width of the heart's
+    shadow in the lung fields (the air it displaces: the projection with the heart minus one
+    without) over the widest extent of the lungs."""
+    mag = physics.chest_magnifications(chest, view, sid_mm)
+    step = 1.0
+    x = np.arange(-250, 250, step)[None, :]
+    z = np.arange(-250, 100, step)[:, None]  # the lungs' widest rows and the heart
+    lung = phantoms.chest_projection_paths(chest, x, z, mag)["lung"]
+    no_heart = dataclasses.replace(chest, heart_radii=(1e-3, 1e-3, 1e-3))
+    shadow = phantoms.chest_projection_paths(no_heart, x, z, mag)["lung"] - lung > 0.5
+
+    def width(mask):
+        columns = np.flatnonzero(mask.any(axis=0))
+        return (columns.max() - columns.min()) * step
+
+    return width(shadow) / width(lung > 0.5)
+
+
+@pytest.mark.parametrize("ctr", [0.44, 0.5, 0.56])
+def test_ap_films_show_a_larger_cardiothoracic_ratio(ctr):
+    chest = phantoms.sample_chest(np.random.default_rng(int(ctr * 100)), ctr, False)
+    pa, ap = _apparent_ctr(chest, "PA", 1800.0), _apparent_ctr(chest, "AP", 1000.0)
+    assert pa == pytest.approx(ctr, abs=0.03)  # PA is the reference projection
+    assert ap > pa * 1.05  # the confounder: an image-only reader over-calls on AP
+
+
+def test_habitus_varies_the_body_but_not_the_thorax():
+    chests = [phantoms.sample_chest(np.random.default_rng(i), 0.5, False) for i in range(300)]
+    habitus = np.array([c.habitus for c in chests])
+    body = np.array([c.body_radii[0] / c.scale for c in chests])
+    thorax = np.array([c.thoracic_width / c.scale for c in chests])
+    assert habitus.min() < 0.95 and habitus.max() > 1.25
+    assert np.corrcoef(habitus, body)[0, 1] > 0.8
+    assert np.ptp(thorax) < 1e-6  # the ratio's denominator does not depend on build
+    # A deeper body puts the heart further from an AP detector: more magnification.
+    slim, heavy = (c for c in (chests[int(np.argmin(habitus))], chests[int(np.argmax(habitus))]))
+    ratio = [physics.chest_magnifications(c, "AP", 1000.0) for c in (slim, heavy)]
+    assert ratio[1]["heart"] / ratio[1]["thorax"] > ratio[0]["heart"] / ratio[0]["thorax"]
 
 
 def test_glioma_features_grow_with_aggressiveness():

@@ -1,6 +1,8 @@
-"""`pgjax synth --out DIR --studies N --seed S`: write a synthetic multi-site DICOM corpus.
+"""`pgjax synth --out DIR --studies N --seed S [--sites FILE|N]`: write a synthetic multi-site
+DICOM corpus.
 
-See pgjax/synth/corpus.py for the layout and the determinism guarantees.
+See pgjax/synth/corpus.py for the layout and the determinism guarantees, and
+pgjax/synth/sitefile.py for site files.
 """
 
 from __future__ import annotations
@@ -40,16 +42,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shortcut",
         type=float,
-        default=0.5,
-        help="0..1: how strongly prevalence and one protocol choice depend on the site and the "
-        "label (default 0.5); the external site has the opposite correlation",
+        default=1.0,
+        help="0..1: multiplier of every site's protocol/label association (P(AP view), sharp "
+        "kernel, 1.5 T given the label, as the site file sets them); 1 (default) takes the file "
+        "as written, 0 makes the protocol independent of the label",
     )
-    p.add_argument("--sites", type=int, default=4, help="number of sites, site_a... (default 4)")
+    p.add_argument(
+        "--sites",
+        default=None,
+        metavar="FILE|N",
+        help="a site file (.toml or .json) describing the hospitals, or N: the first N sites of "
+        "the default file (site_a..site_d; site_d is external). Default: the default file",
+    )
     p.add_argument(
         "--external-site",
         default=None,
-        metavar="NAME",
-        help="the site whose shortcut is reversed (default: the last site; 'none' for none)",
+        metavar="NAME[,NAME]",
+        help="make exactly these sites external (the others training); 'none' for none "
+        "(default: the roles the site file gives)",
     )
     p.add_argument(
         "--mix",
@@ -95,28 +105,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _external_index(name: str | None, n_sites: int) -> int | None:
-    if name is None:
-        return -1
-    if name.lower() == "none":
+def _sites(text: str | None) -> tuple[str | None, int | None]:
+    """--sites: (site file, None) or (None, N)."""
+    if text is None:
+        return None, None
+    try:
+        return None, int(text)
+    except ValueError:
+        return text, None
+
+
+def _external(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
         return None
-    names = [f"site_{chr(ord('a') + i)}" for i in range(n_sites)]
-    if name not in names:
-        raise ValueError(f"--external-site {name!r} is not one of {', '.join(names)} or none")
-    return names.index(name)
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def run(args: argparse.Namespace) -> int:
     from pgjax.synth.corpus import write_corpus
 
+    site_file, n_sites = _sites(args.sites)
     try:
         summary = write_corpus(
             args.out,
             studies=args.studies,
             seed=args.seed,
             shortcut=args.shortcut,
-            n_sites=args.sites,
-            external_site=_external_index(args.external_site, args.sites),
+            sites=site_file,
+            n_sites=n_sites,
+            external_sites=_external(args.external_site),
             modality_mix=args.mix,
             radiograph_size=args.xr_size,
             ct_size=args.ct_size,
@@ -141,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         f"{totals['series']} series, {totals['instances']} files) to {args.out}/dicom"
     )
     for name, site in summary["sites"].items():
-        tag = " (external)" if site["external"] else ""
+        tag = f" (external, {site['shift']} shift)" if site["external"] else ""
         modalities = " ".join(f"{m}={n}" for m, n in site["modalities"].items())
         print(f"  {name}{tag}: {site['studies']} studies  {modalities}")
     label_counts = summary["counts"]["label"]

@@ -2,11 +2,13 @@
 
 Layout under OUT:
   dicom/<site>/<PatientID>/<StudyInstanceUID>/<SeriesNumber>/<InstanceNumber>.dcm
-  labels.csv   study_uid,task,label,score (cardiomegaly: CTR; pe: clot diameter in mm, 0 when
-               negative; glioma_grade: aggressiveness in [0, 1], high grade above 0.5)
-  corpus.json  settings, counts per site / vendor / modality / label, prevalence and shortcut
-               strength per site. Nothing identifying: fake PHI lives only in dicom/ (headers
-               and the PatientID folder names) and labels.csv holds study UIDs only.
+  labels.csv   study_uid,task,label,score: score is the true latent (cardiomegaly: the true
+               cardiothoracic ratio, the label is a noisy read of it; pe: clot diameter in mm,
+               0 when negative; glioma_grade: aggressiveness in [0, 1], high grade above 0.5)
+  corpus.json  settings, counts per site / vendor / modality / label, and per site its role,
+               shift type, prevalence and P(protocol flag | label), expected and observed.
+               Nothing identifying: fake PHI lives only in dicom/ (headers and the PatientID
+               folder names) and labels.csv holds study UIDs only.
 
 Determinism: a plan (site, modality, patient of every study) is drawn from one generator; each
 patient is then derived from np.random.default_rng([seed, PATIENT, index]) and each study from
@@ -24,7 +26,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
-import functools
 import json
 import multiprocessing
 import shutil
@@ -45,7 +46,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from pgjax.synth import phantoms, physics, sites
+from pgjax.synth import phantoms, physics, sitefile, sites
 from pgjax.synth.sites import Scanner, Site
 
 CORPUS_FORMAT = "pgjax-synth-corpus"
@@ -64,7 +65,7 @@ SOP_CLASS = {
 # Streams of np.random.default_rng([seed, STREAM, index]).
 _PLAN, _PATIENT, _STUDY, _ANATOMY, _STAFF = 0, 1, 2, 3, 4
 
-# What the shortcut flag means for each task (for corpus.json).
+# What the protocol flag means for each task (for corpus.json).
 FLAG_MEANING = {
     "cardiomegaly": "ViewPosition AP (bedside, portable unit)",
     "pe": "sharp primary reconstruction kernel",
@@ -96,9 +97,9 @@ class SynthSettings:
 
     studies: int
     seed: int = 0
-    shortcut: float = 0.5
-    n_sites: int = 4
-    external_site: int | None = -1  # index into the sites; None: no external site
+    shortcut: float = 1.0  # multiplier of each site's protocol/label association
+    sites: tuple[Site, ...] | None = None  # None: the default site file's
+    site_file: str = "default"  # the name of the file the sites came from, for the record
     modality_mix: tuple[float, float, float, float] = (0.5, 0.25, 0.2, 0.05)  # XR, CT, MR, US
     radiograph_size: int = 256
     ct_size: int = 128
@@ -132,19 +133,22 @@ class SynthSettings:
                 problems.append(f"{name} must be a range 1 <= lo <= hi, not {(lo, hi)}")
         if not 1 <= self.us_frames <= 1000:
             problems.append(f"us_frames must be 1..1000, not {self.us_frames}")
-        if not 1 <= self.n_sites <= sites.MAX_SITES:
-            problems.append(f"n_sites must be 1..{sites.MAX_SITES}, not {self.n_sites}")
+        if self.sites is None:
+            object.__setattr__(self, "sites", sitefile.default_sites())
+        object.__setattr__(self, "sites", tuple(self.sites))
+        if not self.sites or sum(s.share for s in self.sites) <= 0:
+            problems.append("sites must hold at least one site with a share above 0")
+        for kind, weight in zip(KINDS, self.modality_mix, strict=True):
+            lacking = [s.name for s in self.sites if weight > 0 and not s.scanners(kind)]
+            if lacking:
+                problems.append(f"the modality mix asks for {kind} but site {lacking[0]} has no "
+                                f"{kind} scanner in its fleet")  # fmt: skip
         if problems:
             raise ValueError("bad synth settings: " + "; ".join(problems))
 
     @property
-    def sites(self) -> tuple[Site, ...]:
-        return _sites(self.n_sites, self.external_site)
-
-
-@functools.cache
-def _sites(n: int, external: int | None) -> tuple[Site, ...]:
-    return sites.make_sites(n, external)
+    def n_sites(self) -> int:
+        return len(self.sites)
 
 
 def _rng(settings: SynthSettings, stream: int, index: int) -> np.random.Generator:
@@ -174,7 +178,8 @@ def plan_corpus(settings: SynthSettings) -> list[StudyPlan]:
     rng = _rng(settings, _PLAN, 0)
     mix = np.asarray(settings.modality_mix, dtype=float)
     kinds = rng.choice(len(KINDS), size=settings.studies, p=mix / mix.sum())
-    site_of = rng.integers(0, settings.n_sites, size=settings.studies)
+    shares = np.array([s.share for s in settings.sites], dtype=float)
+    site_of = rng.choice(settings.n_sites, size=settings.studies, p=shares / shares.sum())
     repeat = rng.random(settings.studies) < settings.repeat_patients
     pick = rng.random(settings.studies)
     patients_at: list[list[int]] = [[] for _ in range(settings.n_sites)]
@@ -206,7 +211,7 @@ class Patient:
     patient_id: str
     first_visit: dt.date
     visit_gaps_days: tuple[int, ...]
-    ctr: float  # cardiothoracic ratio (PA-equivalent), 4 decimals
+    ctr: float  # true cardiothoracic ratio (PA-equivalent), 4 decimals
     glioma_aggressiveness: float  # 4 decimals; high grade above 0.5
 
     @property
@@ -236,8 +241,10 @@ def make_patient(settings: SynthSettings, index: int, site_index: int) -> Patien
         given += "^" + "ABCDEFGHJKLMNPRSTW"[int(rng.integers(18))]  # a middle initial
     first_visit = dt.date(2012, 1, 1) + dt.timedelta(days=int(rng.integers(0, 11 * 365)))
     age_days = int(rng.uniform(18, 90) * 365.25)
-    cardiomegaly = rng.random() < sites.site_prevalence("cardiomegaly", site, settings.shortcut)
-    high_grade = rng.random() < sites.site_prevalence("glioma_grade", site, settings.shortcut)
+    # The true ratio is continuous and its distribution is the site's case mix; the label is a
+    # read of it (draw_truth), so positives and negatives overlap near the threshold.
+    ctr = float(np.clip(rng.normal(site.ctr_mean, site.ctr_sd), *sites.CTR_LIMITS))
+    high_grade = rng.random() < sites.site_prevalence("glioma_grade", site)
     # A bijection of the index onto 7 digits: unique IDs that do not count up visibly.
     number = (index * 7919 + 104729) % 10_000_000
     return Patient(
@@ -249,7 +256,7 @@ def make_patient(settings: SynthSettings, index: int, site_index: int) -> Patien
         patient_id=site.patient_id_format.format(number),
         first_visit=first_visit,
         visit_gaps_days=tuple(int(d) for d in rng.integers(14, 700, size=64)),
-        ctr=_latent_score(rng, cardiomegaly, 0.36, 0.5, 0.66),
+        ctr=round(ctr, 4),
         glioma_aggressiveness=_latent_score(rng, high_grade, 0.0, 0.5, 1.0),
     )
 
@@ -265,7 +272,7 @@ def _age(patient: Patient, on: dt.date) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class StudyTruth:
-    """A study's task, label and shortcut flag (see FLAG_MEANING); all None for ultrasound."""
+    """A study's task, label and protocol flag (see FLAG_MEANING); all None for ultrasound."""
 
     task: str | None
     label: int | None
@@ -275,24 +282,33 @@ class StudyTruth:
 def draw_truth(
     rng: np.random.Generator, settings: SynthSettings, site: Site, patient: Patient, kind: str
 ) -> StudyTruth:
-    """The label of a study and its shortcut flag: the first draws from the study's generator,
-    so the same truth comes out whether or not the pixels are made."""
+    """The label of a study and its protocol flag: the first draws from the study's generator,
+    so the same truth comes out whether or not the pixels are made.
+
+    Cardiomegaly is read per study: the true ratio plus the reader's error, thresholded, and a
+    small share of labels flipped outright (site.label_noise), as reports disagree in practice.
+    The flag (AP view for cardiomegaly) then depends on the label, as sicker patients are imaged
+    at the bedside; its effect on the image is the physics of the projection, nothing else.
+    """
     task = sites.TASKS.get(kind)
     if task is None:
         return StudyTruth(None, None, None)
     if task == "cardiomegaly":
-        label = int(patient.ctr > 0.5)
+        read = patient.ctr + rng.normal(0.0, site.reading_sd)
+        label = int(read > sites.CTR_THRESHOLD)
+        if rng.random() < site.label_noise:
+            label = 1 - label
     elif task == "glioma_grade":
         label = int(patient.glioma_aggressiveness > 0.5)
     else:  # a pulmonary embolus is acute: drawn per study at the site's prevalence
-        label = int(rng.random() < sites.site_prevalence(task, site, settings.shortcut))
-    flag = bool(rng.random() < sites.flag_probability(label, site, settings.shortcut))
+        label = int(rng.random() < sites.site_prevalence(task, site))
+    flag = bool(rng.random() < sites.flag_probability(label, task, site, settings.shortcut))
     return StudyTruth(task, label, flag)
 
 
 def study_truths(settings: SynthSettings) -> list[tuple[StudyPlan, StudyTruth]]:
     """Plan and truth of every study of a corpus, without making pixels (cheap: for checking
-    prevalence and shortcut strength on large corpora)."""
+    prevalence and the protocol/label association on large corpora)."""
     out = []
     for plan in plan_corpus(settings):
         patient = make_patient(settings, plan.patient, plan.site)
@@ -521,7 +537,7 @@ def _mr_series(rng, settings, site, patient, plan, truth) -> tuple[list[Series],
         stack = physics.mr_stack(protocol)
         numbers, shuffled = _stack_order(rng, protocol.n_slices, settings, descending=False)
         seq = protocol.sequence
-        description = sites.MR_SERIES_NAMES[scanner.manufacturer][seq.name]
+        description = sites.mr_series_name(scanner.manufacturer, seq.name)
         attrs = {
             "BodyPartExamined": "HEAD" if scanner.manufacturer == sites.SIEMENS else "BRAIN",
             "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"],
@@ -880,9 +896,10 @@ def write_corpus(
     *,
     studies: int,
     seed: int = 0,
-    shortcut: float = 0.5,
-    n_sites: int = 4,
-    external_site: int | None = -1,
+    shortcut: float = 1.0,
+    sites=None,
+    n_sites: int | None = None,
+    external_sites=None,
     modality_mix: tuple[float, float, float, float] = (0.5, 0.25, 0.2, 0.05),
     radiograph_size: int = 256,
     ct_size: int = 128,
@@ -900,15 +917,24 @@ def write_corpus(
 ) -> dict:
     """Write a synthetic corpus to out_dir; returns the summary also written to corpus.json.
 
-    See SynthSettings for the knobs and the module docstring for the layout. workers > 1 uses a
-    spawn-context process pool; the output does not depend on it.
+    sites: a site file (.toml or .json, see sitefile.py) or Site objects; None: the default
+    file. n_sites keeps its first n; external_sites (names) overrides which sites are external.
+    See SynthSettings for the other knobs and the module docstring for the layout. workers > 1
+    uses a spawn-context process pool; the output does not depend on it.
     """
+    chosen = sitefile.select_sites(
+        sites, n_sites, None if external_sites is None else tuple(external_sites)
+    )
+    if sites is None:
+        site_file = "default"
+    else:
+        site_file = Path(sites).name if isinstance(sites, str | Path) else "given"
     settings = SynthSettings(
         studies=studies,
         seed=seed,
         shortcut=shortcut,
-        n_sites=n_sites,
-        external_site=external_site,
+        sites=chosen,
+        site_file=site_file,
         modality_mix=tuple(modality_mix),
         radiograph_size=radiograph_size,
         ct_size=ct_size,
@@ -966,6 +992,22 @@ def _write_labels(path: Path, records: list[StudyRecord]) -> None:
                 writer.writerow([r.study_uid, task, label, f"{score:.4f}"])
 
 
+def _site_design(site: Site, shortcut: float) -> dict:
+    """What a site file set for a site, without its identifiers (institution, ID formats)."""
+    xr = site.scanners("XR")
+    return {
+        "share": site.share,
+        "radiograph_models": sorted({scanner.model for scanner, w in xr if w > 0}),
+        "radiograph_vendors": sorted({scanner.manufacturer for scanner, w in xr if w > 0}),
+        "pa_kvp": list(site.pa_kvp),
+        "ap_kvp": list(site.ap_kvp),
+        "ctr_mean": site.ctr_mean,
+        "ctr_sd": site.ctr_sd,
+        "reading_sd": site.reading_sd,
+        "label_noise": site.label_noise,
+    }
+
+
 def summarize(settings: SynthSettings, records: list[StudyRecord]) -> dict:
     """Counts and rates of a corpus (the contents of corpus.json); no identifiers."""
     by_site: dict[str, dict] = {}
@@ -980,14 +1022,21 @@ def summarize(settings: SynthSettings, records: list[StudyRecord]) -> dict:
                 "studies": len(labelled),
                 "positives": len(pos),
                 "prevalence": round(len(pos) / len(labelled), 4) if labelled else None,
-                "expected_prevalence": round(
-                    sites.site_prevalence(task, site, settings.shortcut), 4
-                ),
+                "expected_prevalence": round(sites.site_prevalence(task, site), 4),
                 "p_flag_given_positive": round(float(np.mean(pos)), 4) if pos else None,
                 "p_flag_given_negative": round(float(np.mean(neg)), 4) if neg else None,
+                "expected_p_flag_given_positive": round(
+                    sites.flag_probability(1, task, site, settings.shortcut), 4
+                ),
+                "expected_p_flag_given_negative": round(
+                    sites.flag_probability(0, task, site, settings.shortcut), 4
+                ),
             }
         by_site[site.name] = {
-            "external": site.shortcut_sign < 0,
+            "role": site.role,
+            "shift": site.shift,
+            "external": site.external,
+            "design": _site_design(site, settings.shortcut),
             "studies": len(rows),
             "patients": len({r.patient for r in rows}),
             "modalities": dict(sorted(Counter(r.modality for r in rows).items())),
@@ -1008,7 +1057,14 @@ def summarize(settings: SynthSettings, records: list[StudyRecord]) -> dict:
         "version": CORPUS_VERSION,
         "complete": True,
         "seed": settings.seed,
-        "settings": dataclasses.asdict(settings),
+        "settings": {
+            **{
+                f.name: getattr(settings, f.name)
+                for f in dataclasses.fields(settings)
+                if f.name != "sites"
+            },
+            "sites": [s.name for s in settings.sites],
+        },
         "generator": {"pydicom": pydicom.__version__, "numpy": np.__version__},
         "files": {
             "dicom": "dicom/<site>/<PatientID>/<StudyInstanceUID>/<SeriesNumber>/<Instance>.dcm",
@@ -1031,7 +1087,8 @@ def summarize(settings: SynthSettings, records: list[StudyRecord]) -> dict:
             "transfer_syntax": tally(pydicom.uid.UID(r.transfer_syntax).name for r in records),
             "label": {task: label_counts[task] for task in sorted(label_counts)},
         },
-        "external_sites": [s.name for s in settings.sites if s.shortcut_sign < 0],
-        "shortcut_flags": FLAG_MEANING,
+        "external_sites": [s.name for s in settings.sites if s.external],
+        "shift_types": {s.name: s.shift for s in settings.sites if s.external},
+        "protocol_flags": FLAG_MEANING,
         "sites": by_site,
     }

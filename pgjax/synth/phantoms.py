@@ -273,6 +273,7 @@ class ChestAnatomy:
     """One patient's chest. ctr is the ground-truth cardiothoracic ratio (PA-equivalent)."""
 
     scale: float
+    habitus: float  # soft-tissue build relative to the skeleton, ~0.9 (slim) to 1.45 (obese)
     body_radii: tuple[float, float]
     fat_mm: float
     right_lung: tuple[Vec3, Vec3]  # centre, radii
@@ -293,9 +294,16 @@ class ChestAnatomy:
 
 
 def sample_chest(rng: np.random.Generator, ctr: float, female: bool) -> ChestAnatomy:
-    """A chest of random habitus whose heart width gives the requested cardiothoracic ratio."""
+    """A chest of random size and habitus whose heart width gives the requested cardiothoracic
+    ratio (of the thorax, which habitus does not change)."""
     s = float(rng.uniform(0.88, 1.12)) * (0.94 if female else 1.0)
-    body = (150.0 * s * rng.uniform(0.95, 1.05), 105.0 * s * rng.uniform(0.92, 1.08))
+    # Habitus: soft tissue around the same thorax, from slim to obese. A wider, deeper body
+    # attenuates and scatters more and sits the heart further from an AP detector.
+    habitus = float(np.clip(rng.lognormal(0.0, 0.12), 0.9, 1.45))
+    body = (
+        150.0 * s * habitus * rng.uniform(0.95, 1.05),
+        105.0 * s * habitus * rng.uniform(0.92, 1.08),
+    )
     right = ((-68.0 * s, 5.0, -30.0 * s), (57.0 * s, 72.0 * s, 130.0 * s))
     left = ((70.0 * s, 5.0, -40.0 * s), (53.0 * s, 70.0 * s, 127.0 * s))
     # Diaphragm domes: the right one (over the liver) sits higher.
@@ -320,7 +328,8 @@ def sample_chest(rng: np.random.Generator, ctr: float, female: bool) -> ChestAna
     return ChestAnatomy(
         scale=s,
         body_radii=body,
-        fat_mm=float(rng.uniform(8, 25) * s),
+        fat_mm=float(rng.uniform(8, 25) * s * habitus),
+        habitus=habitus,
         right_lung=right,
         left_lung=left,
         heart_center=heart_center,

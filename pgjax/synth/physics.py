@@ -587,7 +587,7 @@ def expose_radiograph(
     counts = quantum_noise(n0 * signal, rng, scanner.noise_grain)
     log_image = -np.log(counts / n0)
     # Vendor image processing: unsharp masking over ~13 mm lifts local contrast.
-    processed = log_image + 0.6 * (log_image - gaussian_blur(log_image, 13.0 / ps))
+    processed = log_image + scanner.unsharp * (log_image - gaussian_blur(log_image, 13.0 / ps))
     body = processed[processed > 0.5]
     reference = float(np.median(body)) if body.size else float(np.median(processed))
     top = 2**scanner.bits_stored - 1

@@ -1,14 +1,17 @@
 """Sites, vendors, scanner models, and the protocol distributions each site draws from.
 
-A site is a hospital: a fleet of scanners with its own vendor mix, house protocols (kVp, slice
-thickness, MR sequence menus), naming habits for descriptions, a storage convention (transfer
-syntax, MONOCHROME1, VOI window or LUT) and a patient-ID format. Everything here is invented;
-names of real products are used because real headers carry them.
+A site is a hospital: a fleet of scanners with its own vendor mix, house protocols (kVp, mAs,
+grid, slice thickness, MR sequence menus), naming habits for descriptions, a storage convention
+(transfer syntax, MONOCHROME1, VOI window or LUT), a patient-ID format, a case mix and a view
+mix. Sites are read from a site file (sitefile.py; the default is default_sites.toml). Everything
+here is invented; names of real products are used because real headers carry them.
 
-The site shortcut: at every site the prevalence of the finding differs, and one protocol choice
-(the "flag": AP view for radiographs, sharp primary kernel for CT, 1.5 T for brain MR) is taken
-more often for positives. The strength is the `shortcut` knob; the external site has the
-opposite correlation, so a model that learned the shortcut fails there.
+The protocol/label association: at every site one protocol choice (the "flag": AP view for
+radiographs, sharp primary kernel for CT, 1.5 T for brain MR) is taken more often for positives,
+as sicker patients are imaged at the bedside. The flag acts on the image through physics (an AP
+film magnifies the heart), never by flipping labels. Its strength per site comes from the site
+file, scaled by the `shortcut` knob; only a site whose shift is "reversal" takes the flag more
+often for negatives (the explicit spurious-correlation reversal).
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import dataclasses
 import math
 
 import numpy as np
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 SIEMENS, GE, PHILIPS = "SIEMENS", "GE MEDICAL SYSTEMS", "Philips"
 VENDORS = (SIEMENS, GE, PHILIPS)
 
 TASKS = {"XR": "cardiomegaly", "CT": "pe", "MR": "glioma_grade"}
-BASE_PREVALENCE = {"cardiomegaly": 0.35, "pe": 0.3, "glioma_grade": 0.5}
+CTR_THRESHOLD = 0.5  # cardiomegaly: a read cardiothoracic ratio above it
+CTR_LIMITS = (0.33, 0.75)  # the latent's plausible range; draws are clipped to it
+ROLES = ("training", "external")
+SHIFTS = ("none", "acquisition", "case_mix", "reversal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +39,7 @@ class Scanner:
     rescale_intercept / outside_fov_hu / hu_offset: CT storage convention and calibration error.
     noise_grain: CT/radiograph noise texture; below 1 is coarser (iterative reconstruction).
     bits_stored / gain / rescale_slope: how the vendor scales arbitrary-unit images.
+    unsharp: radiograph processing, the strength of the vendor's unsharp mask.
     kernels: CT kernel class (smooth, standard, sharp) -> ConvolutionKernel value(s).
     """
 
@@ -53,6 +59,7 @@ class Scanner:
     gain: float = 1.0
     rescale_slope: float = 1.0
     transducer: str = ""
+    unsharp: float = 0.6
     kernels: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
 
     def kernel_name(self, kernel_class: str) -> str | tuple[str, ...]:
@@ -170,226 +177,101 @@ MR_SERIES_NAMES = {
 }
 
 
+def mr_series_name(manufacturer: str, sequence: str) -> str:
+    """A series description in the vendor's house style; a vendor a site file adds gets the
+    sequence's own name."""
+    return MR_SERIES_NAMES.get(manufacturer, {}).get(sequence, sequence)
+
+
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """A hospital: its fleet, house protocols, naming habits and storage conventions."""
+    """A hospital: its fleet, house protocols, naming habits, storage conventions, case mix and
+    view mix. Built from a site file by sitefile.py, which documents every field."""
 
     name: str
+    role: str  # "training" or "external"
+    shift: str  # what an external site shifts: "none", "acquisition", "case_mix", "reversal"
     institution: str
     patient_id_format: str  # str.format pattern for a 7-digit number
     accession_prefix: str
-    fleet: tuple[tuple[str, float], ...]  # (scanner model, weight within its modality)
+    share: float  # relative share of the corpus's studies
+    fleet: tuple[tuple[Scanner, float], ...]  # (scanner, weight within its modality)
+    transfer_syntax: str  # CT, MR and US
     radiograph_modality: str  # "DX" or "CR"
     monochrome1: bool
     voi: str  # "window", "lut" or "none"
-    transfer_syntax: str
     radiograph_transfer_syntax: str
     pa_kvp: tuple[float, float]
+    ap_kvp: tuple[float, float]
+    pa_mas: tuple[float, float]
+    ap_mas: tuple[float, float]
+    pa_grid: bool
+    ap_grid: bool
+    p_ap: tuple[float, float]  # P(AP view | negative), P(AP view | positive)
+    ctr_mean: float  # the latent cardiothoracic ratio ~ Normal(mean, sd), clipped to CTR_LIMITS
+    ctr_sd: float
+    reading_sd: float  # the reader's error on the ratio before thresholding it
+    label_noise: float  # a fraction of reads whose label is flipped outright
+    pe_prevalence: float
+    glioma_prevalence: float
     ct_kvp: tuple[tuple[float, float], ...]  # (kVp, weight)
     ct_thickness: tuple[float, ...]
     ct_second_recon: float
+    p_sharp: tuple[float, float]  # P(sharp primary kernel | negative), (... | positive)
     mr_menus: tuple[tuple[tuple[str, ...], float], ...]
     mr_rectangular: bool
+    p_low_field: tuple[float, float]  # P(1.5 T | negative), (... | positive)
     descriptions: tuple[tuple[str, str], ...]  # study kind -> StudyDescription
-    prevalence_shift: float
-    shortcut_sign: float = 1.0
+
+    @property
+    def external(self) -> bool:
+        return self.role == "external"
 
     def scanners(self, modality: str) -> list[tuple[Scanner, float]]:
-        return [(SCANNERS[m], w) for m, w in self.fleet if SCANNERS[m].modality == modality]
+        return [(s, w) for s, w in self.fleet if s.modality == modality]
 
     def description(self, kind: str) -> str:
         return dict(self.descriptions)[kind]
 
-
-_TEMPLATES = (
-    Site(
-        name="site_a",
-        institution="Ashgrove General Hospital",
-        patient_id_format="A{:07d}",
-        accession_prefix="AGH",
-        fleet=(
-            ("SOMATOM Definition AS+", 0.5),
-            ("SOMATOM Force", 0.3),
-            ("Revolution CT", 0.2),
-            ("Avanto", 0.5),
-            ("Skyra", 0.5),
-            ("Ysio Max", 1.0),
-            ("Mobilett Mira Max", 1.0),
-            ("ACUSON S2000", 1.0),
-        ),
-        radiograph_modality="DX",
-        monochrome1=False,
-        voi="window",
-        transfer_syntax=ExplicitVRLittleEndian,
-        radiograph_transfer_syntax=ExplicitVRLittleEndian,
-        pa_kvp=(117.0, 125.0),
-        ct_kvp=((100.0, 0.6), (80.0, 0.2), (120.0, 0.2)),
-        ct_thickness=(1.0, 3.0, 5.0),
-        ct_second_recon=0.4,
-        mr_menus=((("T2", "FLAIR", "T1C"), 0.5), (("T1", "T2"), 0.3), (("FLAIR",), 0.2)),
-        mr_rectangular=False,
-        descriptions=(
-            ("CT", "CT ANGIO CHEST PE PROTOCOL"),
-            ("CT protocol", "PE_CHEST_CTA"),
-            ("MR", "MRI BRAIN W/WO CONTRAST"),
-            ("PA", "XR CHEST PA"),
-            ("AP", "XR CHEST PORTABLE AP"),
-            ("US", "US ABDOMEN COMPLETE"),
-        ),
-        prevalence_shift=0.6,
-    ),
-    Site(
-        name="site_b",
-        institution="Brindlemoor Medical Center",
-        patient_id_format="{:08d}",
-        accession_prefix="BMC",
-        fleet=(
-            ("Revolution CT", 0.6),
-            ("LightSpeed VCT", 0.4),
-            ("SIGNA HDxt", 0.5),
-            ("DISCOVERY MR750", 0.3),
-            ("Achieva", 0.2),
-            ("Discovery XR656", 1.0),
-            ("Optima XR220amx", 1.0),
-            ("LOGIQ E9", 1.0),
-        ),
-        radiograph_modality="DX",
-        monochrome1=True,
-        voi="lut",
-        transfer_syntax=ExplicitVRLittleEndian,
-        radiograph_transfer_syntax=JPEG2000Lossless,
-        pa_kvp=(110.0, 120.0),
-        ct_kvp=((120.0, 0.6), (100.0, 0.4)),
-        ct_thickness=(1.25, 2.5, 5.0),
-        ct_second_recon=0.3,
-        mr_menus=((("T1", "T2", "FLAIR"), 0.4), (("T2", "T1C_3D"), 0.4), (("T2",), 0.2)),
-        mr_rectangular=True,
-        descriptions=(
-            ("CT", "CTA CHEST W CONTRAST"),
-            ("CT protocol", "5.1 CTA PE"),
-            ("MR", "MR BRAIN TUMOR PROTOCOL"),
-            ("PA", "CHEST 2 VIEWS PA"),
-            ("AP", "CHEST 1 VIEW PORTABLE"),
-            ("US", "US ABD LTD"),
-        ),
-        prevalence_shift=-0.3,
-    ),
-    Site(
-        name="site_c",
-        institution="Calloway Valley Clinic",
-        patient_id_format="CVC-{:07d}",
-        accession_prefix="CV",
-        fleet=(
-            ("iCT 256", 0.6),
-            ("Ingenuity CT", 0.4),
-            ("Ingenia", 0.6),
-            ("Achieva", 0.4),
-            ("DigitalDiagnost", 1.0),
-            ("PCR Eleva S", 1.0),
-            ("EPIQ 7G", 1.0),
-        ),
-        radiograph_modality="CR",
-        monochrome1=False,
-        voi="none",
-        transfer_syntax=RLELossless,
-        radiograph_transfer_syntax=RLELossless,
-        pa_kvp=(100.0, 110.0),
-        ct_kvp=((120.0, 0.5), (100.0, 0.5)),
-        ct_thickness=(1.0, 2.0, 3.0, 5.0),
-        ct_second_recon=0.5,
-        mr_menus=((("T1", "T2", "FLAIR"), 0.5), (("T2", "FLAIR"), 0.5)),
-        mr_rectangular=False,
-        descriptions=(
-            ("CT", "CT Pulmonary Angiogram"),
-            ("CT protocol", "Pulmonary Angio"),
-            ("MR", "MRI Head"),
-            ("PA", "Chest PA"),
-            ("AP", "Chest AP Bedside"),
-            ("US", "Abdominal US"),
-        ),
-        prevalence_shift=0.1,
-    ),
-    Site(
-        name="site_d",
-        institution="Dunmere Regional Hospital",
-        patient_id_format="9{:08d}",
-        accession_prefix="DRH",
-        fleet=(
-            ("SOMATOM Definition AS+", 0.4),
-            ("iCT 256", 0.3),
-            ("LightSpeed VCT", 0.3),
-            ("SIGNA HDxt", 0.5),
-            ("Skyra", 0.5),
-            ("Discovery XR656", 1.0),
-            ("Mobilett Mira Max", 1.0),
-            ("EPIQ 7G", 0.5),
-            ("ACUSON S2000", 0.5),
-        ),
-        radiograph_modality="DX",
-        monochrome1=False,
-        voi="window",
-        transfer_syntax=ExplicitVRLittleEndian,
-        radiograph_transfer_syntax=ExplicitVRLittleEndian,
-        pa_kvp=(120.0, 130.0),
-        ct_kvp=((120.0, 0.7), (100.0, 0.3)),
-        ct_thickness=(1.0, 2.0, 5.0),
-        ct_second_recon=0.3,
-        mr_menus=((("T1", "T2", "FLAIR"), 0.6), (("FLAIR", "T1C"), 0.4)),
-        mr_rectangular=False,
-        descriptions=(
-            ("CT", "CTPA CHEST"),
-            ("CT protocol", "CTPA"),
-            ("MR", "MR HEAD WWO"),
-            ("PA", "CHEST PA"),
-            ("AP", "CHEST AP"),
-            ("US", "US ABDOMEN"),
-        ),
-        prevalence_shift=-0.6,
-    ),
-)
-
-MAX_SITES = 26
-
-
-def make_sites(n: int = 4, external: int | None = -1) -> tuple[Site, ...]:
-    """n sites named site_a, site_b, ...; the one at index `external` (None: none) is external.
-
-    Beyond four, the site templates repeat under new names with alternating prevalence shifts.
-    """
-    if not 1 <= n <= MAX_SITES:
-        raise ValueError(f"number of sites must be 1..{MAX_SITES}, not {n}")
-    ext = None if external is None or n == 1 else external % n
-    sites = []
-    for i in range(n):
-        t = _TEMPLATES[i % len(_TEMPLATES)]
-        letter = chr(ord("a") + i)
-        shift = t.prevalence_shift if i < len(_TEMPLATES) else (0.4 if i % 2 else -0.4)
-        sites.append(
-            dataclasses.replace(
-                t,
-                name=f"site_{letter}",
-                institution=t.institution if i < len(_TEMPLATES) else f"{t.institution} {i + 1}",
-                prevalence_shift=shift,
-                shortcut_sign=-1.0 if i == ext else 1.0,
-            )
-        )
-    return tuple(sites)
+    def flag_probabilities(self, task: str) -> tuple[float, float]:
+        """P(flag | negative), P(flag | positive) as the site file gives them."""
+        flags = {"cardiomegaly": self.p_ap, "pe": self.p_sharp, "glioma_grade": self.p_low_field}
+        return flags[task]
 
 
 # --------------------------------------------------------------------------------------------
-# Shortcuts
+# Case mix and the protocol/label association
 
 
-def site_prevalence(task: str, site: Site, shortcut: float) -> float:
-    """Prevalence of a finding at a site: the base rate, shifted per site by the shortcut knob."""
-    p = BASE_PREVALENCE[task] + 0.25 * shortcut * site.prevalence_shift
-    return float(np.clip(p, 0.05, 0.95))
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
 
-def flag_probability(label: int, site: Site, shortcut: float) -> float:
-    """P(shortcut protocol flag | label): 0.5 at shortcut 0, 0.9 vs 0.1 at shortcut 1."""
-    direction = 1.0 if label else -1.0
-    return 0.5 + 0.4 * shortcut * site.shortcut_sign * direction
+def site_prevalence(task: str, site: Site) -> float:
+    """Expected prevalence of a finding at a site. Cardiomegaly: P(read ratio > threshold) under
+    the site's latent distribution and reading error (clipping ignored), then label noise."""
+    if task == "pe":
+        return site.pe_prevalence
+    if task == "glioma_grade":
+        return site.glioma_prevalence
+    spread = math.hypot(site.ctr_sd, site.reading_sd)
+    if spread > 0:
+        p = _normal_cdf((site.ctr_mean - CTR_THRESHOLD) / spread)
+    else:
+        p = float(site.ctr_mean > CTR_THRESHOLD)
+    return p * (1 - site.label_noise) + (1 - p) * site.label_noise
+
+
+def flag_probability(label: int, task: str, site: Site, shortcut: float) -> float:
+    """P(protocol flag | label) at a site. shortcut scales the site file's association: 1 takes
+    it as written, 0 removes it (both labels get the midpoint of the two probabilities)."""
+    negative, positive = site.flag_probabilities(task)
+    middle = (negative + positive) / 2
+    return middle + shortcut * ((positive if label else negative) - middle)
+
+
+# --------------------------------------------------------------------------------------------
+# Scanners
 
 
 def _pick(rng: np.random.Generator, items, weights):
@@ -578,25 +460,18 @@ class RadiographProtocol:
 def sample_radiograph_protocol(
     rng: np.random.Generator, site: Site, ap_view: bool, matrix: int
 ) -> RadiographProtocol:
-    """A frontal chest radiograph: PA in the department, or AP at the bedside (portable)."""
-    if ap_view:  # portable: short SID, no grid, lower kVp, small detector
-        kvp = float(rng.integers(80, 96))
-        ma, time_ms = int(rng.choice([100, 125, 160])), int(rng.integers(8, 25))
-        return RadiographProtocol(
-            "AP",
-            kvp,
-            ma,
-            time_ms,
-            float(rng.choice([1000.0, 1016.0])),
-            float(rng.choice([350.0, 384.0])),
-            matrix,
-            grid=False,
-        )
-    kvp = float(round(rng.uniform(*site.pa_kvp)))
-    ma, time_ms = int(rng.choice([250, 320, 400])), int(rng.integers(4, 12))
-    return RadiographProtocol(
-        "PA", kvp, ma, time_ms, 1800.0, float(rng.choice([410.0, 430.0])), matrix, grid=True
-    )
+    """A frontal chest radiograph: PA in the department, or AP at the bedside (portable: short
+    SID, a small detector, usually no grid), with the site's kVp and mAs ranges for the view."""
+    kvp_range, mas_range = (site.ap_kvp, site.ap_mas) if ap_view else (site.pa_kvp, site.pa_mas)
+    kvp = float(round(rng.uniform(*kvp_range)))
+    # The generator sets mAs; the tube current is one of a few settings and the time follows.
+    ma = int(rng.choice([100, 125, 160] if ap_view else [250, 320, 400]))
+    time_ms = max(1, int(round(rng.uniform(*mas_range) * 1000.0 / ma)))
+    if ap_view:
+        sid, detector = float(rng.choice([1000.0, 1016.0])), float(rng.choice([350.0, 384.0]))
+        return RadiographProtocol("AP", kvp, ma, time_ms, sid, detector, matrix, site.ap_grid)
+    detector = float(rng.choice([410.0, 430.0]))
+    return RadiographProtocol("PA", kvp, ma, time_ms, 1800.0, detector, matrix, site.pa_grid)
 
 
 @dataclasses.dataclass(frozen=True)
