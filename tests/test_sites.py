@@ -126,3 +126,13 @@ def test_cli_site_names(tmp_path):
     done = subprocess.run([*cmd[:-4], "--site-names", str(bad)], capture_output=True, text=True,
                           env=env)  # fmt: skip
     assert done.returncode == 2 and "--site-names" in done.stderr
+
+
+def test_pull_never_names_sites_by_folder(tmp_path):
+    """A pull's files sit in a private staging folder named by salted keys; its site is
+    fixed:pacs by default, and --site-from dir is refused before anything is fetched."""
+    from pgjax.pacs.pull import pull
+
+    with pytest.raises(ValueError, match="--site-from dir names sites by input folder"):
+        pull(None, {}, tmp_path / "store", cfg=PreprocessConfig(site_from="dir"))
+    assert not (tmp_path / "store").exists()
