@@ -196,3 +196,14 @@ def test_a_run_over_hostile_inputs_stores_the_good_files_and_lists_the_bad(tmp_p
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
     assert _run(root, store).returncode == 0
     assert before == {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+
+def test_a_file_without_read_permission_is_skipped_without_its_path(tmp_path):
+    path = copy_with_identity(get_testdata_file("CT_small.dcm"), tmp_path / "p.dcm", 1, "p")
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("running as a user who can read any file (root)")
+        assert _scan(path).reason == "cannot open: Permission denied"
+    finally:
+        path.chmod(0o600)

@@ -141,12 +141,12 @@ def size_problem(ds: Dataset, max_pixels: int, data: BinaryIO, length: int) -> s
     """Why the declared image size of `ds` must not be decoded, or None; checked before any
     pixel buffer is allocated, because a decoder allocates what the header declares.
 
-    data: the pixel data element's value, positioned at its first byte; length: the bytes
-    available from there. Declared rows x columns x samples of one frame over `max_pixels`;
-    native data shorter than rows x columns x samples x frames x bits; encapsulated data with
-    fewer fragments than frames (a fragment holds at most one frame), or RLE data too short
-    for the declared size even at RLE's best compression. The scan runs it on the file, the
-    pixel phase on the value read.
+    data: the pixel data element's value, positioned at its first byte (read for encapsulated
+    data only); length: the bytes available from there. Problems: one frame's declared rows x
+    columns x samples over `max_pixels`; native data shorter than rows x columns x samples x
+    frames x bits; encapsulated data with fewer fragments than frames (a fragment holds at
+    most one frame), or RLE data too short for the declared size even at RLE's best
+    compression. The scan runs it on the file, the pixel phase on the value read.
     """
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)

@@ -135,18 +135,17 @@ def _cannot_open(path: str) -> str | None:
             return "cannot open: symbolic link loop"
         if e.errno == errno.ENOENT and os.path.islink(path):
             return "cannot open: dangling symbolic link"
-        return f"cannot open: {os.strerror(e.errno) if e.errno else type(e).__name__}"
+        return _os_reason(e)
     if stat.S_ISDIR(mode):
         return "symbolic link to a folder (not followed)"
     if not stat.S_ISREG(mode):
         # A FIFO would block the reader forever; devices and sockets are not files either.
         return "not a regular file (FIFO, socket or device)"
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        return f"cannot open: {os.strerror(e.errno) if e.errno else type(e).__name__}"
     return None
+
+
+def _os_reason(e: OSError) -> str:
+    return f"cannot open: {os.strerror(e.errno) if e.errno else type(e).__name__}"
 
 
 def _read_header(path: str):
@@ -157,6 +156,8 @@ def _read_header(path: str):
         return pydicom.dcmread(path, defer_size=4096), None
     except InvalidDicomError:
         pass
+    except OSError as e:  # no permission, or gone since the listing: its text quotes the path
+        return None, _os_reason(e)
     except Exception as e:  # pydicom raises many types on damaged files
         return None, f"unreadable DICOM header: {type(e).__name__}: {e}"
     # Files without the 128-byte preamble are legal (older exports); accept them only if the
@@ -204,6 +205,8 @@ def _pixel_problem(path: str, ds, max_pixels: int) -> str | None:
     available = os.path.getsize(path) - tell
     if elem.length != 0xFFFFFFFF:
         available = min(available, elem.length)
+    if not (tsuid and pydicom.uid.UID(tsuid).is_encapsulated):  # native: lengths suffice
+        return size_problem(ds, max_pixels, io.BytesIO(), available)
     with open(path, "rb") as f:
         f.seek(tell)
         return size_problem(ds, max_pixels, f, available)
