@@ -123,7 +123,7 @@ def test_printable_text_escapes_bytes_that_are_not_utf8():
 GOOD = ("CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "SC_rgb.dcm", "emri_small.dcm")
 # Strings planted in paths; none may reach the output or the store.
 MARKERS = ("DOE_JOHN_QX", "LOOPMARK", "DANGLEMARK", "NOWHEREMARK", "UTFMARK", "HUGEMARK",
-           "FRAMEMARK", "SHORTMARK")  # fmt: skip
+           "HUGERMARK", "FRAMEMARK", "MOREMARK", "SHORTMARK")  # fmt: skip
 
 
 def hostile_corpus(root: Path) -> tuple[list[str], dict[str, str]]:
@@ -149,8 +149,10 @@ def hostile_corpus(root: Path) -> tuple[list[str], dict[str, str]]:
     bad[str(text)] = "not a DICOM file"
     huge = rle_declaring(d / "HUGEMARK.dcm", Rows=20000, Columns=20000, SOPInstanceUID="1.2.3.1")
     frames = rle_declaring(d / "FRAMEMARK.dcm", NumberOfFrames=200000, SOPInstanceUID="1.2.3.2")
-    bad[str(huge)] = "image too large"
-    bad[str(frames)] = "truncated pixel data"
+    huger = rle_declaring(d / "HUGERMARK.dcm", Rows=65535, Columns=65535, SOPInstanceUID="1.2.3.3")
+    more = rle_declaring(d / "MOREMARK.dcm", NumberOfFrames=3000000, SOPInstanceUID="1.2.3.4")
+    bad[str(huge)] = bad[str(huger)] = "image too large"
+    bad[str(frames)] = bad[str(more)] = "truncated pixel data"
     bad[str(native_short(d / "SHORTMARK.dcm"))] = "truncated pixel data"
     return good, bad
 
