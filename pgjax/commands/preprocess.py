@@ -56,8 +56,8 @@ def add_store_arguments(p: argparse.ArgumentParser) -> None:
         "--external-sites",
         default="",
         metavar="A,B",
-        help="sites held out whole as the 'external' split, as the store names them: "
-        "names from --site-names, fixed:NAME, or salted keys",
+        help="sites held out whole as the 'external' split, as the store's site column names "
+        "them (see --site-from)",
     )
     p.add_argument(
         "--min-patients",
