@@ -50,8 +50,9 @@ def store(corpus, tmp_path_factory):
     (root / "salt").write_text("5a" * 32 + "\n")
     cfg = PreprocessConfig(image_size=(32, 32), min_patients=2, external_sites=("site_d",),
                            split_fractions=(0.6, 0.2, 0.2))  # fmt: skip
+    sites = {d.name: d.name for d in (corpus / "dicom").iterdir() if d.is_dir()}
     preprocess([corpus / "dicom"], out, cfg=cfg, labels=corpus / "labels.csv", workers=1,
-               salt_file=root / "salt")  # fmt: skip
+               salt_file=root / "salt", site_names=sites)  # fmt: skip
     return out
 
 

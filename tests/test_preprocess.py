@@ -31,6 +31,8 @@ CFG = PreprocessConfig(
     volumes_per_shard=2,
     external_sites=("site_b",),
 )
+# The corpus's folders are site names, said so explicitly (by default a site is a salted key).
+SITES = {"site_a": "site_a", "site_b": "site_b"}
 
 
 def tree_bytes(root: Path) -> dict[str, str]:
@@ -55,7 +57,9 @@ def built(corpus, tmp_path_factory):
     root, facts = corpus
     out = tmp_path_factory.mktemp("stores")
     salt = out / "salt"
-    summary = preprocess([root], out / "store", cfg=CFG, salt_file=salt, workers=1)
+    summary = preprocess(
+        [root], out / "store", cfg=CFG, site_names=SITES, salt_file=salt, workers=1
+    )
     return out / "store", summary, salt
 
 
@@ -187,7 +191,7 @@ def test_rerun_is_idempotent(built, corpus):
     store, _, salt = built
     root, _ = corpus
     before = tree_bytes(store)
-    preprocess([root], store, cfg=CFG, salt_file=salt, workers=1)
+    preprocess([root], store, cfg=CFG, site_names=SITES, salt_file=salt, workers=1)
     assert tree_bytes(store) == before
 
 
@@ -196,7 +200,7 @@ def test_changed_inputs_are_refused_without_overwrite(built, corpus, tmp_path):
     root, _ = corpus
     other = PreprocessConfig(**{**CFG.to_json(), "image_size": (32, 32)})
     with pytest.raises(ValueError, match="other inputs or settings"):
-        preprocess([root], store, cfg=other, salt_file=salt, workers=1)
+        preprocess([root], store, cfg=other, site_names=SITES, salt_file=salt, workers=1)
 
 
 def test_reader_refuses_unknown_versions(built, tmp_path):
@@ -225,7 +229,9 @@ def test_sharded_phases_equal_one_run(built, corpus, tmp_path):
     root, _ = corpus
     out = tmp_path / "store"
     for i in range(3):
-        preprocess([root], out, cfg=CFG, salt_file=salt, phases=["scan"], shard=(i, 3))
+        preprocess(
+            [root], out, cfg=CFG, site_names=SITES, salt_file=salt, phases=["scan"], shard=(i, 3)
+        )
     preprocess([root], out, cfg=CFG, salt_file=salt, phases=["plan"])
     for i in (2, 0, 1):
         preprocess([root], out, cfg=CFG, phases=["pixels"], shard=(i, 3))
@@ -249,18 +255,24 @@ def test_slice_handover_gives_the_store_image_units_make_alone(
     # Each image unit deletes a hand-over file once all its takers are done: none is left
     # after the pixel phase, before finalize.
     staged = tmp_path / "staged"
-    preprocess([root], staged, cfg=CFG, salt_file=salt, phases=["scan", "plan", "pixels"])
+    preprocess(
+        [root], staged, cfg=CFG, site_names=SITES, salt_file=salt,
+        phases=["scan", "plan", "pixels"],
+    )  # fmt: skip
     assert not list((tmp_path / "staged.private" / "units").glob("slices-*"))
     monkeypatch.setattr(pp, "_load_slices", lambda *args: {})
     out = tmp_path / "store"
-    preprocess([root], out, cfg=CFG, salt_file=salt, workers=1)
+    preprocess([root], out, cfg=CFG, site_names=SITES, salt_file=salt, workers=1)
     assert tree_bytes(out) == tree_bytes(store)
 
 
 def test_finalize_refuses_missing_units(corpus, tmp_path):
     root, _ = corpus
     out = tmp_path / "store"
-    preprocess([root], out, cfg=CFG, salt_file=tmp_path / "salt", phases=["scan", "plan"])
+    preprocess(
+        [root], out, cfg=CFG, site_names=SITES, salt_file=tmp_path / "salt",
+        phases=["scan", "plan"],
+    )  # fmt: skip
     preprocess([root], out, cfg=CFG, phases=["pixels"], shard=(0, 2))
     with pytest.raises(ValueError, match="pixel units not done"):
         preprocess([root], out, cfg=CFG, phases=["finalize"])
@@ -271,10 +283,12 @@ def test_killed_run_resumes_to_the_same_store(built, corpus, tmp_path):
     store, _, salt = built
     root, _ = corpus
     out = tmp_path / "store"
+    sites = tmp_path / "sites.json"
+    sites.write_text(json.dumps(SITES))
     cmd = [
         sys.executable, "-m", "pgjax.cli", "preprocess", str(root), "--out", str(out),
         "--salt-file", str(salt), "--workers", "1", "--min-patients", "2",
-        "--external-sites", "site_b", "--set", "image_size=64,64",
+        "--external-sites", "site_b", "--site-names", str(sites), "--set", "image_size=64,64",
         "--set", "volume_shape=12,32,32", "--set", "images_per_shard=4",
         "--set", "volumes_per_shard=2",
     ]  # fmt: skip

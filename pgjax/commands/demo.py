@@ -83,9 +83,12 @@ def run(args) -> int:
         min_patients=3,
         external_sites=tuple(external),
     )
+    # The synthetic corpus's folders are site names (OUT/dicom/<site>/...), not patients: say
+    # so explicitly, as a user would with --site-names, or the store would hold salted keys.
+    site_names = {d.name: d.name for d in sorted((corpus / "dicom").iterdir()) if d.is_dir()}
     result = preprocess(
         [corpus / "dicom"], store, cfg=cfg, labels=corpus / "labels.csv",
-        workers=args.workers, overwrite=True,
+        workers=args.workers, overwrite=True, site_names=site_names,
     )  # fmt: skip
     lap("preprocess", t0)
     print(f"[3/7] auditing {store} for the corpus's identifiers")

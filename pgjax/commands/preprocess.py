@@ -21,6 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run one phase (cluster use) or all (default)",
     )
     p.add_argument("--shard", metavar="I/N", help="this job's share of the scan or pixels phase")
+    p.add_argument(
+        "--site-names",
+        metavar="FILE",
+        help="readable site names for input folders (--site-from dir): a JSON object "
+        '{"folder": "site", ...} or a CSV "folder,site". Folders not listed, and every folder '
+        "without this option, get a salted key (site_1a2b3c4d): a folder name can name a patient",
+    )
 
 
 def add_store_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +56,8 @@ def add_store_arguments(p: argparse.ArgumentParser) -> None:
         "--external-sites",
         default="",
         metavar="A,B",
-        help="sites held out whole as the 'external' split",
+        help="sites held out whole as the 'external' split, as the store's site column names "
+        "them (see --site-from)",
     )
     p.add_argument(
         "--min-patients",
@@ -58,7 +66,18 @@ def add_store_arguments(p: argparse.ArgumentParser) -> None:
         "at least k distinct training patients (default 5)",
     )
     p.add_argument("--image-size", type=int, help="square 2D image size (default 256)")
-    p.add_argument("--site-from", help="dir | header | fixed:NAME (default dir)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help="skip files declaring more than N pixels per frame (rows x columns x samples; "
+        "default 100000000), checked before anything is allocated",
+    )
+    p.add_argument(
+        "--site-from",
+        help="dir (salted key of the first folder below each input, or its --site-names name) "
+        "| header (salted key of InstitutionName) | fixed:NAME (default dir)",
+    )
     p.add_argument("--compression", choices=["zstd", "none"], default="zstd")
     p.add_argument(
         "--set",
@@ -102,6 +121,8 @@ def build_config(args):
         overrides["external_sites"] = tuple(s for s in args.external_sites.split(",") if s)
     if args.min_patients is not None:
         overrides["min_patients"] = args.min_patients
+    if args.max_pixels is not None:
+        overrides["max_pixels"] = args.max_pixels
     if args.image_size is not None:
         overrides["image_size"] = (args.image_size, args.image_size)
     if args.site_from is not None:
@@ -132,6 +153,7 @@ def run(args) -> int:
             shard=parse_shard(args.shard),
             compression=args.compression,
             overwrite=args.overwrite,
+            site_names=args.site_names,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"pgjax preprocess: {e}", file=sys.stderr)

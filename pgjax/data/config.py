@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
+# The most pixels (rows x columns x samples) one frame may declare: 10000 x 10000 grey, 5773 x
+# 5773 colour. Decoders allocate what the header declares, so a tiny hostile file could ask for
+# gigabytes; the largest clinical images (mammograms, about 4000 x 5000) are far below this.
+DEFAULT_MAX_PIXELS = 100_000_000
+
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
@@ -40,11 +45,15 @@ class PreprocessConfig:
     # Patient-level split fractions (train, val, test) at the non-external sites.
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: int = 0
-    # Whole sites held out as the "external" split.
+    # Whole sites held out as the "external" split, as the store's site column names them.
     external_sites: tuple[str, ...] = ()
-    # Where the site label comes from: "dir" (first folder below each input root),
-    # "header" (salted hash of InstitutionName), or "fixed:NAME".
+    # Where the site label comes from: "dir" (a salted key of the first folder below each input
+    # root, or the name an explicit --site-names mapping gives that folder: a folder name can
+    # name a patient), "header" (salted key of InstitutionName), or "fixed:NAME".
     site_from: str = "dir"
+    # Files declaring more pixels than this per frame (rows x columns x samples) are skipped
+    # before anything is allocated (see DEFAULT_MAX_PIXELS).
+    max_pixels: int = DEFAULT_MAX_PIXELS
     # Zarr shard sizes along the item axis: one shard file per this many items.
     images_per_shard: int = 256
     volumes_per_shard: int = 8
@@ -60,6 +69,8 @@ class PreprocessConfig:
             raise ValueError(f"split_fractions must be >= 0 and sum to 1: {self.split_fractions}")
         if self.min_patients < 1:
             raise ValueError("min_patients must be >= 1")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, not {self.max_pixels}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -56,11 +56,14 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:
     return [path for _, path in list_files(inputs)]
 
 
-def _scan(paths: Sequence[str], schema) -> tuple[list[ScanRecord], list[tuple[str, str]]]:
+def _scan(
+    paths: Sequence[str], schema, cfg: PreprocessConfig
+) -> tuple[list[ScanRecord], list[tuple[str, str]]]:
     salt = secrets.token_bytes(32)  # identity only groups slices here; nothing keeps the keys
     records, skipped = [], []
     for p in paths:
-        r = scan_file(os.path.dirname(p), p, schema, salt, "fixed:inference")
+        r = scan_file(os.path.dirname(p), p, schema, salt, "fixed:inference",
+                      max_pixels=cfg.max_pixels)  # fmt: skip
         (records.append(r) if r.ok else skipped.append((p, r.reason)))
     return records, skipped
 
@@ -73,7 +76,7 @@ def _empty(cfg: PreprocessConfig, shape, n_fields: int, skipped) -> Items:
 
 def encode_images(paths: Sequence[str], cfg: PreprocessConfig, vocab: Vocabulary) -> Items:
     """2D items of the files, in file order then frame order."""
-    records, skipped = _scan(paths, vocab.schema)
+    records, skipped = _scan(paths, vocab.schema, cfg)
     rows, protocols = [], []
     for r in records:
         per = cfg.slices_per_series if r.modality in VOLUME_MODALITIES else cfg.frames_per_instance
@@ -94,7 +97,7 @@ def encode_images(paths: Sequence[str], cfg: PreprocessConfig, vocab: Vocabulary
 
 def encode_volumes(paths: Sequence[str], cfg: PreprocessConfig, vocab: Vocabulary) -> Items:
     """One volume per series (files grouped by SeriesInstanceUID), in first-path order."""
-    records, skipped = _scan(paths, vocab.schema)
+    records, skipped = _scan(paths, vocab.schema, cfg)
     by_series = defaultdict(list)
     for r in records:
         by_series[r.series_key].append(r)

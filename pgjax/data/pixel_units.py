@@ -84,7 +84,8 @@ def _series_slices(paths, frames, cfg, images=(), made=None) -> np.ndarray:
     for p in dict.fromkeys(paths):
         ds = _read(p)
         wanted = sorted({f for q, f in zip(paths, frames, strict=True) if q == p})
-        out = decode_frames(ds, wanted)  # frame by frame: the same values as one at a time
+        # Frame by frame: the same values as one at a time.
+        out = decode_frames(ds, wanted, cfg.max_pixels)
         decoded[p] = (ds, {f: out[j] for j, f in enumerate(wanted)})
     for row, p, f in images:
         ds, pixels = decoded[p]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
+import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -32,9 +34,10 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    RLELossless,
 )
 
-from pgjax.data.config import PreprocessConfig
+from pgjax.data.config import DEFAULT_MAX_PIXELS, PreprocessConfig
 
 # Projection radiography: the stored values have no calibrated unit, but the header usually
 # carries the VOI (window or LUT) the modality chose for display, which we trust over statistics.
@@ -46,6 +49,8 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # Percentiles are estimated on at most this many values (a strided sample), so a 300-slice
 # volume costs a ~1M-element partial sort instead of an 80M one.
 _PERCENTILE_SAMPLE = 1 << 20
+# PackBits (RLE Lossless) encodes a run of 128 equal bytes in 2: no segment expands further.
+_RLE_MAX_RATIO = 64
 
 
 class PixelError(ValueError):
@@ -65,7 +70,9 @@ def number_of_frames(ds: Dataset) -> int:
     return max(n, 1)
 
 
-def decode_frames(ds: Dataset, frames: Sequence[int] | None = None) -> np.ndarray:
+def decode_frames(
+    ds: Dataset, frames: Sequence[int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode the stored pixel values of the selected frames of `ds` (None: all frames).
 
     Returns [F, rows, cols] for single-sample data or [F, rows, cols, 3] RGB for colour data;
@@ -73,15 +80,20 @@ def decode_frames(ds: Dataset, frames: Sequence[int] | None = None) -> np.ndarra
     PALETTE COLOR objects come back as palette indices [F, rows, cols], like pydicom's
     pixel_array; `normalize_frames` applies the palette. Selected frames are decoded one by
     one (pydicom reads only that frame's bytes or fragments), so asking for one frame of a
-    long cine does not decode the rest. Raises PixelError with the reason on failure.
+    long cine does not decode the rest. Raises PixelError with the reason on failure, and
+    before decoding when the declared size is over `max_pixels` or not backed by the data
+    (`size_problem`).
     """
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise PixelError("no pixel data")
     tsyntax = _transfer_syntax(ds)
     decoder = _decoder_for(tsyntax)
     n = number_of_frames(ds)
-    if not tsyntax.is_encapsulated:
-        _check_native_length(ds, n)
+    value = ds[next(k for k in _PIXEL_KEYWORDS if k in ds)].value
+    if isinstance(value, bytes | bytearray):
+        problem = size_problem(ds, max_pixels, io.BytesIO(value), len(value))
+        if problem:
+            raise PixelError(problem)
     if frames is None:
         stack = _decode(decoder, ds, None)
         return stack[None] if n == 1 else stack
@@ -125,21 +137,75 @@ def _decoder_for(tsyntax: UID) -> Decoder:
     return decoder
 
 
-def _check_native_length(ds: Dataset, n_frames: int) -> None:
-    """Raise for uncompressed pixel data shorter than the image pixel module promises."""
-    keyword = next(k for k in _PIXEL_KEYWORDS if k in ds)
+def size_problem(ds: Dataset, max_pixels: int, data: BinaryIO, length: int) -> str | None:
+    """Why the declared image size of `ds` must not be decoded, or None; checked before any
+    pixel buffer is allocated, because a decoder allocates what the header declares.
+
+    data: the pixel data element's value, positioned at its first byte (read for encapsulated
+    data only); length: the bytes available from there. Problems: one frame's declared rows x
+    columns x samples over `max_pixels`; native data shorter than rows x columns x samples x
+    frames x bits; encapsulated data with fewer fragments than frames (a fragment holds at
+    most one frame), or RLE data too short for the declared size even at RLE's best
+    compression. The scan runs it on the file, the pixel phase on the value read.
+    """
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
         samples = int(ds.get("SamplesPerPixel") or 1)
-        found = len(ds[keyword].value)
     except (AttributeError, KeyError, TypeError, ValueError):
-        return  # the decoder names the missing or malformed element more precisely
-    if ds.get("PhotometricInterpretation") == "YBR_FULL_422" and samples == 3:
-        samples = 2  # two chroma values shared by each pair of pixels
-    expected = math.ceil(rows * cols * samples * n_frames * bits / 8)
-    if found < expected:
-        raise PixelError(f"truncated pixel data: expected {expected} bytes, found {found}")
+        return None  # the decoder names the missing or malformed element more precisely
+    if rows * cols * samples > max_pixels:
+        return (
+            f"image too large: {rows} x {cols} pixels x {samples} samples per frame, over "
+            f"max_pixels={max_pixels}"
+        )
+    frames = number_of_frames(ds)
+    tsyntax = _transfer_syntax(ds)
+    if not tsyntax.is_encapsulated:
+        if ds.get("PhotometricInterpretation") == "YBR_FULL_422" and samples == 3:
+            samples = 2  # two chroma values shared by each pair of pixels
+        expected = math.ceil(rows * cols * samples * frames * bits / 8)
+        if length < expected:
+            return f"truncated pixel data: expected {expected} bytes, found {length}"
+        return None
+    fragments, fragment_bytes = encapsulated_extent(data, length)
+    if fragments < frames:
+        return (
+            f"truncated pixel data: fewer compressed fragments than frames ({fragments} "
+            f"fragments, {frames} frames declared)"
+        )
+    # PackBits, RLE's scheme, turns 2 bytes into at most 128: one byte plane per segment.
+    most = fragment_bytes * _RLE_MAX_RATIO
+    if tsyntax == RLELossless and most < rows * cols * samples * frames * math.ceil(bits / 8):
+        return (
+            f"truncated pixel data: {fragment_bytes} bytes of RLE data cannot hold "
+            f"{frames} frame(s) of {rows} x {cols} x {samples}"
+        )
+    return None
+
+
+def encapsulated_extent(data: BinaryIO, length: int) -> tuple[int, int]:
+    """(fragments, their total bytes) of an encapsulated pixel data value read from `data`
+    (positioned at the Basic Offset Table item; at most `length` bytes). Reads the 8-byte item
+    headers only; stops at the sequence delimiter, at anything that is not an item, or at the
+    end of the data (a fragment cut short counts the bytes present)."""
+    fragments = total = 0
+    start = data.tell()
+    offset_table = True
+    while True:
+        pos = data.tell() - start
+        head = data.read(8) if pos + 8 <= length else b""
+        if len(head) < 8:
+            break
+        group, element, size = struct.unpack("<HHI", head)
+        if (group, element) != (0xFFFE, 0xE000):  # the delimiter (FFFE,E0DD) or garbage
+            break
+        if not offset_table:
+            fragments += 1
+            total += max(0, min(size, length - pos - 8))
+        offset_table = False
+        data.seek(size, io.SEEK_CUR)
+    return fragments, total
 
 
 def _decode(decoder: Decoder, ds: Dataset, index: int | None) -> np.ndarray:
@@ -469,7 +535,7 @@ def normalized_frames(
     ds: Dataset, frames: Sequence[int] | None, cfg: PreprocessConfig
 ) -> np.ndarray:
     """Decode and normalise the selected frames (None: all): float32 [F, rows, cols] in [0, 1]."""
-    pixels = decode_frames(ds, frames)
+    pixels = decode_frames(ds, frames, cfg.max_pixels)
     return normalize_frames(pixels, ds, cfg, indices=frames)
 
 
@@ -480,7 +546,7 @@ def preprocess_frames(
 
     Resizing uses each frame's pixel spacing, so letterboxing keeps the physical aspect.
     """
-    return images_from_frames(decode_frames(ds, frames), ds, frames, cfg)
+    return images_from_frames(decode_frames(ds, frames, cfg.max_pixels), ds, frames, cfg)
 
 
 def images_from_frames(

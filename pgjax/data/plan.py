@@ -149,13 +149,21 @@ def build_plan(
     site = [r.site for r in records]
     splits = np.full(len(records), "", dtype="<U10")
     if keep:
-        splits[keep] = assign_splits(
-            [patient[i] for i in keep],
-            [site[i] for i in keep],
-            fractions=cfg.split_fractions,
-            seed=cfg.split_seed,
-            external_sites=cfg.external_sites,
-        )
+        try:
+            splits[keep] = assign_splits(
+                [patient[i] for i in keep],
+                [site[i] for i in keep],
+                fractions=cfg.split_fractions,
+                seed=cfg.split_seed,
+                external_sites=cfg.external_sites,
+            )
+        except ValueError as e:
+            if cfg.site_from != "dir" or not cfg.external_sites:
+                raise
+            raise ValueError(
+                f"{e}: a site named by its input folder is a salted key unless --site-names "
+                "maps the folder to a name"
+            ) from None
     train = [i for i in keep if splits[i] == "train"]
     if not train:
         raise ValueError(

@@ -38,8 +38,9 @@ from pgjax.data.config import PreprocessConfig
 from pgjax.data.deid import load_or_create_salt
 from pgjax.data.earlier import fill_reusing, merge_records
 from pgjax.data.protocol import check_schema
-from pgjax.data.scan import ScanRecord, list_files, scan_chunk
+from pgjax.data.scan import ScanRecord, file_state, list_files, scan_chunk
 from pgjax.data.schema import Schema
+from pgjax.data.sites import load_site_names
 from pgjax.data.tokenizer import MISSING
 from pgjax.progress import Progress
 
@@ -163,20 +164,26 @@ def run_units(
 # Phase 1: scan.
 
 
-def _scan_unit(job, schema_json, salt, site_from, out_dir) -> None:
+def _scan_unit(job, schema_json, salt, site_from, site_names, max_pixels, out_dir) -> None:
     chunk, files = job
     schema = Schema.from_json(schema_json)
-    records = [r.to_json() for r in scan_chunk(files, schema, salt, site_from)]
+    records = scan_chunk(files, schema, salt, site_from, site_names, max_pixels)
+    records = [r.to_json() for r in records]
     st.write_json_atomic(Path(out_dir) / f"chunk-{chunk:06d}.json", records)
 
 
-def phase_scan(inputs, ws: Workspace, schema: Schema, cfg, salt, *, workers=1, shard=(0, 1)):
+def phase_scan(
+    inputs, ws: Workspace, schema: Schema, cfg, salt, *, workers=1, shard=(0, 1), site_names=None
+):
     files = list_files(inputs)
     if not files:
         raise ValueError(f"no files under {', '.join(map(str, inputs))}")
-    listing = [(r, p, os.path.getsize(p), os.stat(p).st_mtime_ns) for r, p in files]
+    listing = [(r, p, *file_state(p)) for r, p in files]
     # The chunk size is part of the digest: chunk files of another size are other files' records.
-    digest = _digest([listing, schema.to_json(), cfg.site_from, FILES_PER_SCAN_CHUNK])
+    digest = _digest(
+        [listing, schema.to_json(), cfg.site_from, sorted((site_names or {}).items()),
+         cfg.max_pixels, FILES_PER_SCAN_CHUNK]
+    )  # fmt: skip
     listing_path = ws.scan_dir / "listing.json"
     if listing_path.exists() and json.loads(listing_path.read_text()).get("digest") != digest:
         # Inputs or settings changed: earlier chunks describe other files. Start over.
@@ -190,7 +197,7 @@ def phase_scan(inputs, ws: Workspace, schema: Schema, cfg, salt, *, workers=1, s
     ]
     progress = Progress(len(todo), "scan", "chunks")
     jobs = [(c, files[c * FILES_PER_SCAN_CHUNK : (c + 1) * FILES_PER_SCAN_CHUNK]) for c in todo]
-    args = (schema.to_json(), salt, cfg.site_from, str(ws.scan_dir))
+    args = (schema.to_json(), salt, cfg.site_from, site_names, cfg.max_pixels, str(ws.scan_dir))
     # A crash in header parsing is as possible as in decoding: the chunk's files are listed.
     for (c, chunk_files), reason in run_units(_scan_unit, jobs, args, workers, progress):
         records = [ScanRecord(path=p, reason=reason).to_json() for _, p in chunk_files]
@@ -575,6 +582,15 @@ def _category(reason: str) -> str:
     return reason.split(":", 1)[0].strip()
 
 
+def printable_text(text: str) -> str:
+    """`text` as valid UTF-8: the bytes of a file name that is not UTF-8 (which Python carries
+    as surrogates) become \\xNN escapes, so the skip list can always be written and read."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an undecodable byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def phase_finalize(ws: Workspace) -> dict:
     manifest = st.read_manifest(ws.store)
     missing = [
@@ -612,7 +628,10 @@ def phase_finalize(ws: Workspace) -> dict:
     skipped.sort()
     st.write_csv_atomic(
         ws.private / "skipped.csv",
-        {"path": [p for p, _ in skipped], "reason": [r for _, r in skipped]},
+        {
+            "path": [printable_text(p) for p, _ in skipped],
+            "reason": [printable_text(r) for _, r in skipped],
+        },
     )
     report = {
         "skipped_by_reason": dict(sorted(Counter(_category(r) for _, r in skipped).items())),
@@ -650,13 +669,21 @@ def preprocess(
     compression: str = "zstd",
     overwrite: bool = False,
     earlier: str | Path | None = None,
+    site_names: dict[str, str] | str | Path | None = None,
 ) -> dict | None:
     """Run the given phases; returns finalize's summary when it ran.
 
     `earlier`: append to an earlier run whose source files are gone (see pgjax/data/earlier.py).
+    `site_names`: {folder: site name}, or a JSON/CSV file of them (pgjax/data/sites.py), for
+    `site_from="dir"`; folders not listed get a salted key. Kept in the private folder only.
     """
     earlier = Path(earlier) if earlier else None
     cfg = cfg or PreprocessConfig()
+    if isinstance(site_names, str | Path):
+        site_names = load_site_names(site_names)
+    if site_names and cfg.site_from != "dir":
+        raise ValueError(f"--site-names maps input folders: it needs --site-from dir, not "
+                         f"{cfg.site_from}")  # fmt: skip
     schema = schema or Schema()
     check_schema(schema)  # a schema naming an identifier is refused before any file is read
     store = Path(store)
@@ -668,7 +695,9 @@ def preprocess(
         raise ValueError("--shard applies to the scan and pixels phases only")
     summary = None
     if "scan" in phases:
-        phase_scan(inputs, ws, schema, cfg, salt, workers=workers, shard=shard)
+        phase_scan(
+            inputs, ws, schema, cfg, salt, workers=workers, shard=shard, site_names=site_names
+        )
     if "plan" in phases:
         phase_plan(
             ws,

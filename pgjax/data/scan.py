@@ -11,7 +11,10 @@ about a millisecond whatever its size.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,10 +23,12 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
+from pgjax.data.config import DEFAULT_MAX_PIXELS
 from pgjax.data.deid import hash_key, quiet_pydicom
-from pgjax.data.pixels import frame_geometry
+from pgjax.data.pixels import frame_geometry, size_problem
 from pgjax.data.protocol import ascii_text_safe, normalize_text, raw_text, read_protocol
 from pgjax.data.schema import Schema
+from pgjax.data.sites import site_of
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # Stored pixel bytes per sample are only predictable for native (uncompressed) encodings.
@@ -32,6 +37,7 @@ NATIVE_SYNTAXES = {
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
 }
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Header elements whose values, if they turn up inside free text, mark that text as identifying.
 PERSON_NAME_KEYWORDS = (
@@ -86,6 +92,7 @@ def list_files(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
     Every file is listed, whatever its name: DICOM files often have no extension, and a file
     that is not DICOM is reported as skipped rather than silently ignored. Hidden files and
     folders (names starting with '.') are the exception: they are tool debris (.DS_Store, .git).
+    Symbolic links to folders are listed as files, not followed, so the scan reports them.
     """
     out = []
     for root in inputs:
@@ -97,21 +104,48 @@ def list_files(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
             raise FileNotFoundError(f"{root}: no such file or folder")
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
+            # Links to folders are not followed (they can loop); listed, the scan says so.
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            dirnames[:] = [d for d in dirnames if d not in links]
+            for name in sorted(filenames + links):
                 if not name.startswith("."):
                     out.append((str(root), os.path.join(dirpath, name)))
     return out
 
 
-def site_of(root: str, path: str, ds, site_from: str, salt: bytes) -> str:
-    if site_from.startswith("fixed:"):
-        return site_from.split(":", 1)[1]
-    if site_from == "header":
-        name = str(ds.get("InstitutionName", "") or "").strip()
-        # The institution name is an identifier in DICOM PS3.15; only its hash is kept.
-        return "site_" + hash_key(salt, "site", normalize_text(name))[:8] if name else "unknown"
-    rel = Path(os.path.relpath(path, root))
-    return rel.parts[0] if len(rel.parts) > 1 else Path(root).name
+def file_state(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) for the scan's listing; never raises. A link that cannot be followed (a
+    loop, a dangling symlink) gives the link's own state: the scan skips it with the reason."""
+    for stat_fn in (os.stat, os.lstat):
+        try:
+            s = stat_fn(path)
+            return s.st_size, s.st_mtime_ns
+        except OSError:
+            continue
+    return -1, -1
+
+
+def _cannot_open(path: str) -> str | None:
+    """Why `path` cannot be read as a file, or None. The reason never quotes the path (it can
+    name a patient; OSError's text does)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "cannot open: symbolic link loop"
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            return "cannot open: dangling symbolic link"
+        return _os_reason(e)
+    if stat.S_ISDIR(mode):
+        return "symbolic link to a folder (not followed)"
+    if not stat.S_ISREG(mode):
+        # A FIFO would block the reader forever; devices and sockets are not files either.
+        return "not a regular file (FIFO, socket or device)"
+    return None
+
+
+def _os_reason(e: OSError) -> str:
+    return f"cannot open: {os.strerror(e.errno) if e.errno else type(e).__name__}"
 
 
 def _read_header(path: str):
@@ -122,6 +156,8 @@ def _read_header(path: str):
         return pydicom.dcmread(path, defer_size=4096), None
     except InvalidDicomError:
         pass
+    except OSError as e:  # no permission, or gone since the listing: its text quotes the path
+        return None, _os_reason(e)
     except Exception as e:  # pydicom raises many types on damaged files
         return None, f"unreadable DICOM header: {type(e).__name__}: {e}"
     # Files without the 128-byte preamble are legal (older exports); accept them only if the
@@ -135,17 +171,7 @@ def _read_header(path: str):
     return None, "not a DICOM file"
 
 
-def _expected_native_bytes(ds) -> int | None:
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        bits = int(ds.BitsAllocated)
-        n = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return (n * bits + 7) // 8
-
-
-def _pixel_problem(path: str, ds) -> str | None:
+def _pixel_problem(path: str, ds, max_pixels: int) -> str | None:
     """Why the pixel data of this header cannot be used, or None."""
     if not any(k in ds for k in PIXEL_KEYWORDS):
         sop = str(ds.get("SOPClassUID", "") or "")
@@ -166,16 +192,24 @@ def _pixel_problem(path: str, ds) -> str | None:
             name = pydicom.uid.UID(tsuid).name
             known = f" ({name})" if name != tsuid else ""
             return f"unsupported transfer syntax {tsuid}{known}: no decoder installed"
-    if tsuid in NATIVE_SYNTAXES or not tsuid:
-        expected = _expected_native_bytes(ds)
-        elem = next((ds.get_item(k, keep_deferred=True) for k in PIXEL_KEYWORDS if k in ds), None)
-        tell = getattr(elem, "value_tell", None)
-        if expected is not None and tell is not None:
-            # A truncated file keeps its declared length: compare with what the file holds.
-            available = os.path.getsize(path) - tell
-            if available < expected:
-                return f"truncated pixel data: expected {expected} bytes, found {available}"
-    return None
+    if tsuid == DEFLATED:
+        return None  # the data set is inflated on reading: the pixel phase checks its size
+    elem = next(ds.get_item(k, keep_deferred=True) for k in PIXEL_KEYWORDS if k in ds)
+    if isinstance(elem.value, bytes | bytearray):  # small enough to have been read
+        return size_problem(ds, max_pixels, io.BytesIO(elem.value), len(elem.value))
+    tell = getattr(elem, "value_tell", None)
+    if tell is None:
+        return None
+    # Deferred: read from the file. A truncated file keeps its declared length, so what the
+    # file holds bounds it; only item headers are read for encapsulated data.
+    available = os.path.getsize(path) - tell
+    if elem.length != 0xFFFFFFFF:
+        available = min(available, elem.length)
+    if not (tsuid and pydicom.uid.UID(tsuid).is_encapsulated):  # native: lengths suffice
+        return size_problem(ds, max_pixels, io.BytesIO(), available)
+    with open(path, "rb") as f:
+        f.seek(tell)
+        return size_problem(ds, max_pixels, f, available)
 
 
 def _identifying_words(ds) -> set[str]:
@@ -236,20 +270,35 @@ def redact_free_text(protocol: dict, ds, schema: Schema) -> dict:
     return out
 
 
-def scan_file(root: str, path: str, schema: Schema, salt: bytes, site_from: str) -> ScanRecord:
-    """Read one file's header into a ScanRecord (never raises on bad input)."""
+def scan_file(
+    root: str,
+    path: str,
+    schema: Schema,
+    salt: bytes,
+    site_from: str,
+    site_names=None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ScanRecord:
+    """Read one file's header into a ScanRecord (never raises on bad input).
+
+    site_names: {folder: site name} for site_from "dir" (see pgjax/data/sites.py).
+    max_pixels: files declaring more per frame are skipped (PreprocessConfig.max_pixels).
+    """
     with quiet_pydicom():
-        return _scan_file(root, path, schema, salt, site_from)
+        return _scan_file(root, path, schema, salt, site_from, site_names, max_pixels)
 
 
-def _scan_file(root, path, schema, salt, site_from) -> ScanRecord:
+def _scan_file(root, path, schema, salt, site_from, site_names, max_pixels) -> ScanRecord:
+    reason = _cannot_open(path)
+    if reason:
+        return ScanRecord(path=path, reason=reason)
     ds, reason = _read_header(path)
     if ds is None:
         return ScanRecord(path=path, reason=reason)
     if str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
         return ScanRecord(path=path, reason="DICOMDIR (a media index, not an image)")
     try:
-        reason = _pixel_problem(path, ds)
+        reason = _pixel_problem(path, ds, max_pixels)
         if reason:
             return ScanRecord(path=path, reason=reason)
         text_ok = ascii_text_safe(ds)
@@ -272,7 +321,7 @@ def _scan_file(root, path, schema, salt, site_from) -> ScanRecord:
             instance_number = None
         return ScanRecord(
             path=path,
-            site=site_of(root, path, ds, site_from, salt),
+            site=site_of(root, path, ds, site_from, salt, site_names),
             patient_key=hash_key(salt, patient_kind, patient),
             study_key=hash_key(salt, "study", study),
             series_key=hash_key(salt, "series", series),
@@ -289,7 +338,12 @@ def _scan_file(root, path, schema, salt, site_from) -> ScanRecord:
 
 
 def scan_chunk(
-    files: Sequence[tuple[str, str]], schema: Schema, salt: bytes, site_from: str
+    files: Sequence[tuple[str, str]],
+    schema: Schema,
+    salt: bytes,
+    site_from: str,
+    site_names=None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[ScanRecord]:
     for root, path in files:
-        yield scan_file(root, path, schema, salt, site_from)
+        yield scan_file(root, path, schema, salt, site_from, site_names, max_pixels)
