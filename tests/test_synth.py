@@ -165,10 +165,17 @@ def test_nothing_identifying_outside_the_dicom_folder(corpus):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         identifiers |= {str(ds.PatientName), ds.PatientID, ds.AccessionNumber, ds.InstitutionName}
         identifiers.add(str(ds.PatientName).split("^")[0])
-    summary = (corpus / "corpus.json").read_text()
-    labels = (corpus / "labels.csv").read_text()
-    leaked = sorted(i for i in identifiers if i in summary or i in labels)
+    written = [(corpus / n).read_text() for n in ("corpus.json", "labels.csv", "site_names.csv")]
+    leaked = sorted(i for i in identifiers if any(i in text for text in written))
     assert not leaked
+
+
+def test_site_names_file_maps_every_site_folder_to_its_name(corpus):
+    rows = (corpus / "site_names.csv").read_text().splitlines()
+    folders = sorted(p.name for p in (corpus / "dicom").iterdir())
+    assert rows[0] == "folder,site"
+    mapped = dict(r.split(",") for r in rows[1:])
+    assert set(folders) <= set(mapped) and all(k == v for k, v in mapped.items())
 
 
 def test_patient_names_leak_into_descriptions_when_asked(tmp_path):

@@ -1,10 +1,8 @@
 """Medium-size ablation: the demo's list with more pretraining, on a larger corpus.
 
     pgjax synth --out medium/corpus --studies 600 --mix 0.8,0.1,0.1,0 --workers 2
-    printf 'folder,site\nsite_a,site_a\nsite_b,site_b\nsite_c,site_c\nsite_d,site_d\n' \
-        > medium/sites.csv
     pgjax preprocess medium/corpus/dicom --out medium/store --labels medium/corpus/labels.csv \
-        --site-names medium/sites.csv --external-sites site_d --workers 2 \
+        --site-names medium/corpus/site_names.csv --external-sites site_d --workers 2 \
         --set image_size=128,128 --set min_patients=3 --set volume_shape=32,64,64
     pgjax sweep configs/ablations/medium.py --store medium/store --workdir medium/sweep
 

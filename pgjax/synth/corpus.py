@@ -5,6 +5,8 @@ Layout under OUT:
   labels.csv   study_uid,task,label,score: score is the true latent (cardiomegaly: the true
                cardiothoracic ratio, the label is a noisy read of it; pe: clot diameter in mm,
                0 when negative; glioma_grade: aggressiveness in [0, 1], high grade above 0.5)
+  site_names.csv  folder,site: the folders under dicom/ are site names, not patients; pass it to
+               `pgjax preprocess --site-names` so the store keeps them readable
   corpus.json  settings, counts per site / vendor / modality / label, and per site its role,
                shift type, prevalence and P(protocol flag | label), expected and observed.
                Nothing identifying: fake PHI lives only in dicom/ (headers and the PatientID
@@ -886,7 +888,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
                 "delete anything there"
             )
         shutil.rmtree(out / "dicom", ignore_errors=True)
-        for name in ("labels.csv", "corpus.json"):
+        for name in ("labels.csv", "site_names.csv", "corpus.json"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -978,6 +980,7 @@ def write_corpus(
                     bar.update()
     records.sort(key=lambda r: r.index)
     _write_labels(out / "labels.csv", records)
+    _write_site_names(out / "site_names.csv", settings)
     summary = summarize(settings, records)
     (out / "corpus.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
@@ -990,6 +993,14 @@ def _write_labels(path: Path, records: list[StudyRecord]) -> None:
         for r in records:
             for task, label, score in r.labels:
                 writer.writerow([r.study_uid, task, label, f"{score:.4f}"])
+
+
+def _write_site_names(path: Path, settings: SynthSettings) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["folder", "site"])
+        for site in settings.sites:
+            writer.writerow([site.name, site.name])
 
 
 def _site_design(site: Site, shortcut: float) -> dict:
