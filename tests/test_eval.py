@@ -517,6 +517,14 @@ def test_per_site_external_splits_reach_report_plots_tool_and_sweep_table(tmp_pa
     # mae has no signal: not informative, so named, not compared
     assert metrics["gate"]["models"]["mae"]["status"] == "not informative"
     assert "not compared: **mae** (linear 100%)." in text
+    from pgjax.eval.report import console_summary
+
+    lines = console_summary(metrics)
+    assert lines[0].startswith("external:site_x (AUROC") and "internal test (AUROC" in "".join(
+        lines
+    )
+    assert "gate: NOT informative, not compared: mae" in lines
+    assert any(x.startswith("gate: informative") and "pg (linear 100%)" in x for x in lines)
     assert {r["split"] for r in table_rows(metrics)} == {"test", "external:site_x",
                                                          "external:site_y"}  # fmt: skip
     done = subprocess.run([sys.executable, str(TOOL), str(tmp_path)], capture_output=True,
@@ -611,7 +619,8 @@ def test_sweep_writes_one_table_with_reference_comparisons(store, tmp_path):
     tasks = load_tasks_config(None, ["metrics.n_boot=20", "metrics.subgroup_boot=10"])
     result = run_sweep(ablation, str(store), tmp_path, tasks)
     table = read_csv(tmp_path / "table.csv")
-    assert {r["model"] for r in table} == {"pg", "simclr", "random_init"}
+    assert {r["model"] for r in table} == {"pg", "simclr", "random_init", "oracle", "thumbnail",
+                                           "protocol_only"}  # fmt: skip
     assert all(r["p_value_vs_reference"] or r["model"] == "pg" or r["n_pos"] in ("0", "1")
                for r in table)  # fmt: skip
     assert "| pg | linear | 100% |" in (tmp_path / "table.md").read_text()

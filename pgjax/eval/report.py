@@ -547,6 +547,47 @@ def verdict(metrics: dict, split: str = "external") -> list[str]:
     return out
 
 
+def console_summary(metrics: dict) -> list[str]:
+    """A few lines for a terminal: each test split's rows (models, then reference rows) with
+    AUROC, worst stratum and gate, the reference rows' status, and whether any pretrained
+    encoder passes the gate (and, if none does, why the numbers cannot tell)."""
+    refs = reference_names(metrics)
+    L = []
+    for split in ordered_splits({r["split"] for r in metrics["runs"]}):
+        what = "internal test" if split == INTERNAL_TEST else split
+        L.append(f"{what} (AUROC [DeLong 95% CI]; worst stratum; gate):")
+        rows = headline_runs(metrics, split)
+        rows = [r for r in rows if r["model"] not in refs] + [r for r in rows if r["model"] in refs]
+        for r in rows:
+            name = r["model"] + (" (ref)" if r["model"] in refs else "")
+            L.append(f"  {name:22s} {r['head']:8s} {r['label_fraction']:>4.0%}  "
+                     f"{fmt_ci(r['overall'], 'auroc')}  worst {fmt_worst(r)}  "
+                     f"{r.get('gate', 'n/a')}")  # fmt: skip
+    for r in metrics.get("reference_rows", []):
+        if r["status"] != "ok":
+            L.append(f"reference row {r['name']} skipped: {r['reason']}")
+    models = (metrics.get("gate") or {}).get("models") or {}
+    encoders = [m for m in models if m not in refs]
+    passed = [m for m in encoders if models[m]["status"] == "informative"]
+    if passed:
+        L.append(
+            "gate: informative (internal test AUROC interval above 0.5): "
+            + ", ".join(f"{m} ({', '.join(models[m]['informative_rows'])})" for m in passed)
+        )
+    if set(encoders) - set(passed):
+        L.append("gate: NOT informative, not compared: "
+                 + ", ".join(m for m in encoders if m not in passed))  # fmt: skip
+    if encoders and not passed:
+        ok = [m for m in ("oracle", "thumbnail") if models.get(m, {}).get("status") ==
+              "informative"]  # fmt: skip
+        why = (f"the finding is learnable ({' and '.join(ok)} pass the gate), so the encoders "
+               "did not learn it: more pretraining steps or data are needed"
+               if ok else "the reference rows do not pass either: the internal test split is "
+               "too small to tell anything from chance")  # fmt: skip
+        L.append(f"no pretrained encoder passes the gate: {why}.")
+    return L
+
+
 def subgroup_table(run: dict) -> list[str]:
     lines = ["| attribute | group | n (pos) | AUROC [95% CI] | AUROC gap | ECE-15 | Brier |",
              "| --- | --- | ---: | --- | ---: | --- | --- |"]  # fmt: skip
