@@ -122,6 +122,11 @@ def test_label_join_errors_name_the_file(store, corpus, tmp_path):
     bad.write_text("study_uid,task,label\n1.2.3,cardiomegaly,0\n1.2.4,cardiomegaly,yes\n")
     with pytest.raises(ValueError, match=r"labels.csv:3: label must be 0 or 1"):
         read_label_file(bad, "cardiomegaly", b"s" * 32)
+    bad.write_text(
+        "study_uid,task,label,score\n1.2.3,cardiomegaly,0,0.41\n1.2.4,cardiomegaly,1,x\n"
+    )
+    with pytest.raises(ValueError, match=r"labels.csv:3: score must be a number, not 'x'"):
+        read_label_file(bad, "cardiomegaly", b"s" * 32)
     with pytest.raises(FileNotFoundError, match="salt"):
         load_items(store, TASK, labels=corpus / "labels.csv", salt_file=tmp_path / "nosalt")
     with pytest.raises(ValueError, match="no usable images item has a label for task 'nope'"):

@@ -451,11 +451,8 @@ def gate_block(metrics: dict) -> list[str]:
     models = gate.get("models") or {}
     if not models:
         return []
-    refs = reference_names(metrics)
     L = ["## Sanity gate", "", f"Rule: {gate['rule']}.", ""]
     for m, g in models.items():
-        if m in refs and m != "random_init":
-            continue
         if g["status"] == "informative":
             L.append(f"- {m}: informative ({', '.join(g['informative_rows'])}).")
         else:

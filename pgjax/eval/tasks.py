@@ -201,8 +201,10 @@ def load_items(
         y = np.where(has, table["label"].astype(str) == "1", -1).astype(np.int64)
         join["source"] = "store table (labels joined by preprocess)"
         if "score" in table:
-            scores = np.array([_score(v, f"{store}/{task.group}/table.csv score")
-                               for v in table["score"]], dtype=np.float64)  # fmt: skip
+            # Only this task's rows: another task's scores are none of its business.
+            scores = np.array([_score(v, f"{store}/{task.group}/table.csv score") if h else math.nan
+                               for v, h in zip(table["score"], has, strict=True)],
+                              dtype=np.float64)  # fmt: skip
             scores_reason = ""
         else:
             scores, scores_reason = None, "the store's table has no score column"
