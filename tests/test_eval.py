@@ -428,6 +428,12 @@ def test_gate_rule_and_verdict_name_uninformative_models_instead_of_comparing():
     metrics["runs"][0]["gate"] = "not informative"
     text = "\n".join(verdict(metrics, EXT))
     assert "not compared: **pg** (linear 100%); **mae**" in text and "beats" not in text
+    from pgjax.eval.report import results_table
+
+    metrics["across_seeds"] = []
+    table = "\n".join(results_table(metrics, EXT))
+    assert "| simclr | linear | 100% |" in table
+    assert "not compared (ref. not informative)" in table and "-0.050" not in table
 
 
 def test_representation_diagnostics_read_what_the_embedding_carries():

@@ -395,11 +395,15 @@ def results_table(metrics: dict, split: str) -> list[str]:
     refs = reference_names(metrics)
     rows = headline_runs(metrics, split)
     rows = [r for r in rows if r["model"] not in refs] + [r for r in rows if r["model"] in refs]
+    ref_gate = {(r["head"], r["label_fraction"]): r.get("gate") for r in rows
+                if r["model"] == metrics["reference"]}  # fmt: skip
     for r in rows:
         o = r["overall"]
         vs = r.get("vs_reference")
         if r.get("gate") == "not informative" and r["model"] != metrics["reference"]:
             delta = "not compared"
+        elif vs and ref_gate.get((r["head"], r["label_fraction"])) == "not informative":
+            delta = "not compared (ref. not informative)"
         elif vs and vs.get("diff") is not None:
             delta = f"{vs['diff']:+.3f} ({fmt_p(vs.get('p_value'))})"
         else:
@@ -456,7 +460,7 @@ def gate_block(metrics: dict) -> list[str]:
         if g["status"] == "informative":
             L.append(f"- {m}: informative ({', '.join(g['informative_rows'])}).")
         else:
-            L.append(f"- {m}: **{g['status']}** in all {g['rows']} of its rows: its numbers "
+            L.append(f"- {m}: **{g['status']}** in each of its {g['rows']} rows: its numbers "
                      "below are not evidence for or against it.")  # fmt: skip
     return L
 
