@@ -10,7 +10,7 @@ whole held-out external site(s). `pgjax eval --tasks THIS_FILE --set KEY=VALUE` 
 import ml_collections
 
 
-def _task(label, unit="study"):
+def _task(label, unit="study", external_by_site=False, strata=("ViewPosition",)):
     return dict(
         label=label,  # the `task` value in labels.csv / the store's table
         group="images",  # store group: "images" (2D items) or "volumes"
@@ -22,15 +22,23 @@ def _task(label, unit="study"):
         # is part of the 20% set of the same seed), stratified by the patient's label.
         label_fractions=(0.01, 0.1, 0.2, 1.0),
         seeds=(0, 1, 2),
+        # Each held-out site its own test split "external:<site>" (sites of different shift
+        # types are not pooled); False: one pooled "external" split.
+        external_by_site=external_by_site,
+        # Protocol fields whose values are the strata of the within-stratum AUROC (worst
+        # stratum reported beside the pooled AUROC) and of the representation diagnostics.
+        strata=strata,
     )
 
 
 def get_config(arg: str = ""):
     c = ml_collections.ConfigDict()
     c.tasks = dict(
-        cardiomegaly=_task("cardiomegaly"),  # radiographs: one image per study
-        pe=_task("pe"),  # CT: up to 16 slices per series, several series per study
-        glioma_grade=_task("glioma_grade"),  # brain MR
+        # radiographs: one image per study
+        cardiomegaly=_task("cardiomegaly", external_by_site=True),
+        # CT: up to 16 slices per series, several series per study
+        pe=_task("pe", strata=("ConvolutionKernel",)),
+        glioma_grade=_task("glioma_grade", strata=("Manufacturer",)),  # brain MR
     )
     c.probe = dict(
         # L2 logistic regression on standardised frozen embeddings; the penalty (per item,
@@ -45,5 +53,10 @@ def get_config(arg: str = ""):
         sensitivity=0.9,  # false-positive rate reported at this sensitivity
         border_min_patients=3,  # a protocol seen for fewer training patients is "border"
     )
+    # Reference rows of every evaluation, through the same probe, label fractions and seeds as
+    # the models: oracle (the true latent score, 1-D logistic fit), thumbnail (logistic
+    # regression on an 8x8 area-downsample of the stored image), protocol_only (one-hot header
+    # tokens, no pixels), random_init (the reference encoder's architecture, untrained).
+    c.references = ("oracle", "thumbnail", "protocol_only", "random_init")
     c.embed_batch = 64
     return c

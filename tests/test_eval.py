@@ -9,6 +9,7 @@ checkpoint trained for a few steps are shared by the module; the rest is NumPy. 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -74,7 +75,10 @@ def pg_workdir(store, tmp_path_factory):
     return workdir
 
 
-TASK = TaskSpec("cardiomegaly", "cardiomegaly", label_fractions=(0.5, 1.0), seeds=(0, 1))
+# Each external site its own split, as configs/tasks.py sets for cardiomegaly.
+TASK = TaskSpec("cardiomegaly", "cardiomegaly", label_fractions=(0.5, 1.0), seeds=(0, 1),
+                external_by_site=True)  # fmt: skip
+EXT = "external:site_d"
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +112,21 @@ def test_labels_join_through_the_salted_study_key(store, corpus):
     uids = {r["study_uid"] for r in read_csv(corpus / "labels.csv")}
     assert not uids & set(joined.columns["study_key"])
     assert joined.join["label_studies_not_in_store"] == 0
-    assert set(joined.columns["split"]) >= {"train", "external"}
+    assert set(joined.columns["split"]) >= {"train", EXT}
+    # The true latent score joins the same way (labels file) or comes with the store's table.
+    assert joined.scores is not None and not np.isnan(joined.scores).any()
+    np.testing.assert_array_equal(joined.scores, from_store.scores)
 
 
 def test_label_join_errors_name_the_file(store, corpus, tmp_path):
     bad = tmp_path / "labels.csv"
     bad.write_text("study_uid,task,label\n1.2.3,cardiomegaly,0\n1.2.4,cardiomegaly,yes\n")
     with pytest.raises(ValueError, match=r"labels.csv:3: label must be 0 or 1"):
+        read_label_file(bad, "cardiomegaly", b"s" * 32)
+    bad.write_text(
+        "study_uid,task,label,score\n1.2.3,cardiomegaly,0,0.41\n1.2.4,cardiomegaly,1,x\n"
+    )
+    with pytest.raises(ValueError, match=r"labels.csv:3: score must be a number, not 'x'"):
         read_label_file(bad, "cardiomegaly", b"s" * 32)
     with pytest.raises(FileNotFoundError, match="salt"):
         load_items(store, TASK, labels=corpus / "labels.csv", salt_file=tmp_path / "nosalt")
@@ -199,11 +211,14 @@ def test_predictions_have_one_row_per_test_study_and_run(evaluation, store, corp
     n_studies = len(set(zip(items.columns["split"][test], items.columns["study_key"][test],
                             strict=True)))  # fmt: skip
     runs = {(r["model"], r["head"], r["label_fraction"], r["seed"]) for r in rows}
-    # pg: linear and linear+protocol; random init has a (random) protocol encoder too.
+    # pg: linear and linear+protocol; random init has a (random) protocol encoder too; the
+    # three feature reference rows (oracle, thumbnail, protocol_only) have the linear head only.
     # 0.5 with seeds 0 and 1, 1.0 with seed 0 only (the subset does not depend on the seed).
-    assert len(runs) == 2 * 2 * 3
+    assert len(runs) == 2 * 2 * 3 + 3 * 3
+    assert {r[0] for r in runs} == {"pg", "random_init", "oracle", "thumbnail", "protocol_only"}
     assert len(rows) == len(runs) * n_studies
-    assert {r["split"] for r in rows} == {"test", "external"}
+    assert {r["split"] for r in rows} == {"test", EXT}
+    assert {r["stratum"] for r in rows} == {"ViewPosition=AP", "ViewPosition=PA"}
     assert all(0.0 <= float(r["prob"]) <= 1.0 for r in rows)
     uids = {r["study_uid"] for r in read_csv(corpus / "labels.csv")}
     assert not uids & {r["item_id"] for r in rows}
@@ -235,10 +250,10 @@ def test_metrics_cover_splits_subgroups_border_and_paired_tests(evaluation):
     out, metrics = evaluation
     assert metrics["reference"] == "pg"
     runs = metrics["runs"]
-    r = next(r for r in runs if r["model"] == "random_init" and r["split"] == "external"
+    r = next(r for r in runs if r["model"] == "random_init" and r["split"] == EXT
              and r["head"] == "linear")  # fmt: skip
     assert set(r["subgroups"]) == {"site", "vendor", "scanner_model", "modality",
-                                   "protocol_border"}  # fmt: skip
+                                   "protocol_border", "stratum"}  # fmt: skip
     assert set(r["subgroups"]["site"]) == {"site_d"}
     vs = r["vs_reference"]
     assert vs["reference"] == "pg"
@@ -257,11 +272,14 @@ def test_metrics_cover_splits_subgroups_border_and_paired_tests(evaluation):
 def test_report_and_plots_are_written(evaluation):
     out, _ = evaluation
     report = (out / "report.md").read_text()
-    for text in ("## Results: external split", "AUROC [95% CI]", "ECE-15", "Protocol-border",
-                 "Subgroups (bias audit)", "plots/roc_reliability_external.png"):  # fmt: skip
-        assert text in report
-    for name in ("roc_reliability_external", "auroc_vs_fraction_external",
-                 "auroc_by_vendor_external"):  # fmt: skip
+    for text in (f"## Results: {EXT} split", "## Results: test split", "AUROC [95% CI]",
+                 "ECE-15", "Protocol-border", "Subgroups (bias audit)",
+                 "plots/roc_reliability_external_site_d.png", "## Reference rows",
+                 "## Sanity gate", "worst stratum AUROC", "Within each protocol stratum",
+                 "## Representation diagnostics", "| oracle (ref. row) |"):  # fmt: skip
+        assert text in report, text
+    for name in ("roc_reliability_external_site_d", "auroc_vs_fraction_external_site_d",
+                 "auroc_by_vendor_external_site_d", "roc_reliability_test"):  # fmt: skip
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -276,6 +294,262 @@ def test_embeddings_are_cached_and_reused(evaluation, store, pg_workdir):
     emb, built = cached_embeddings(Model("pg", pg_workdir), store, rows, cache)
     assert built is None  # read from the cache: no model was built
     assert emb["image"].shape[0] == len(rows) and "protocol" in emb
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-site external splits, reference rows, the gate, strata, representation diagnostics
+
+
+def test_each_external_site_is_its_own_split(store):
+    by_site = load_items(store, TASK)
+    pooled = load_items(store, TaskSpec("c", "cardiomegaly"))
+    ext = pooled.where(("external",))
+    assert set(pooled.columns["split"][ext]) == {"external"}
+    assert set(by_site.columns["split"][ext]) == {EXT}  # the site's name, same items
+    # "external" in test_splits still selects the per-site splits; other splits are unchanged
+    np.testing.assert_array_equal(by_site.where(("external",)), ext)
+    np.testing.assert_array_equal(by_site.where(("test",)), pooled.where(("test",)))
+    from pgjax.eval.tasks import describe
+
+    assert EXT in describe(by_site) and "external" not in describe(by_site)
+    # the scores (the true latent) came with the store's table
+    assert by_site.scores is not None and not np.isnan(by_site.scores).any()
+
+
+def test_reference_rows_use_the_same_items_subsets_and_probe(evaluation):
+    out, metrics = evaluation
+    context = json.loads((out / "context.json").read_text())
+    status = {r["name"]: r["status"] for r in context["reference_rows"]}
+    assert status == {"oracle": "ok", "thumbnail": "ok", "protocol_only": "ok",
+                      "random_init": "ok"}  # fmt: skip
+    probe = context["probe"]
+    for fraction, seed in (("0.5", 0), ("0.5", 1), ("1.0", 0)):
+        pg = probe[f"pg/linear/{fraction}/{seed}"]
+        for ref in ("oracle", "thumbnail", "protocol_only"):
+            r = probe[f"{ref}/linear/{fraction}/{seed}"]
+            assert (r["train_items"], r["train_patients"], r["train_positives"]) == (
+                pg["train_items"],
+                pg["train_patients"],
+                pg["train_positives"],
+            )
+    rows = read_csv(out / "predictions.csv")
+    ids = {m: sorted(r["item_id"] for r in rows if r["model"] == m and r["seed"] == "0"
+                     and r["label_fraction"] == "1.0" and r["head"] == "linear")
+           for m in ("pg", "oracle", "thumbnail")}  # fmt: skip
+    assert ids["pg"] == ids["oracle"] == ids["thumbnail"]
+    # The corpus's label is (score > threshold): the oracle ranks the internal test perfectly,
+    # and its probabilities come from a 1-D logistic fit (strictly between 0 and 1).
+    oracle = next(r for r in metrics["runs"] if r["model"] == "oracle" and r["split"] == "test"
+                  and r["label_fraction"] == 1.0)  # fmt: skip
+    assert oracle["overall"]["auroc"]["value"] == 1.0
+    assert oracle["gate"] == "informative"
+    probs = [float(r["prob"]) for r in rows if r["model"] == "oracle"]
+    assert 0.0 < min(probs) and max(probs) < 1.0
+    assert {"oracle", "thumbnail", "protocol_only"} <= set(metrics["gate"]["models"])
+
+
+def test_a_reference_without_its_input_is_skipped_with_the_reason(store, corpus, pg_workdir,
+                                                                  tmp_path):  # fmt: skip
+    from pgjax.eval.embed import Model
+    from pgjax.eval.evaluate import EvalSettings, evaluate
+
+    labels = tmp_path / "labels.csv"
+    with open(corpus / "labels.csv", newline="") as f, labels.open("w") as g:
+        for row in csv.reader(f):
+            g.write(",".join(row[:3]) + "\n")  # no score column
+    task = TaskSpec("cardiomegaly", "cardiomegaly", label_fractions=(1.0,), seeds=(0,))
+    settings = EvalSettings(n_boot=20, subgroup_boot=10, references=("oracle", "thumbnail"))
+    metrics = evaluate([Model("pg", pg_workdir)], task, store, tmp_path / "out", settings,
+                       labels=labels, salt_file=salt_of(store))  # fmt: skip
+    refs = {r["name"]: r for r in metrics["reference_rows"]}
+    assert refs["oracle"]["status"] == "skipped"
+    assert "labels.csv has no score column" in refs["oracle"]["reason"]
+    assert refs["thumbnail"]["status"] == "ok" and "random_init" not in refs
+    assert {r["model"] for r in metrics["runs"]} == {"pg", "thumbnail"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "**oracle**" in report and "skipped: no true latent score" in report
+    # the diagnostics say why there is no score r
+    assert "no score column" in metrics["representation"]["pg"]["score_r"]["reason"]
+    with pytest.raises(ValueError, match="references must be among"):
+        EvalSettings(references=("oracle", "crystal_ball"))
+
+
+def test_gate_and_worst_stratum_in_metrics_match_the_intervals(evaluation):
+    out, metrics = evaluation
+    tests = {(r["model"], r["head"], r["label_fraction"]): r for r in metrics["runs"]
+             if r["split"] == "test" and r["seed"] == 0}  # fmt: skip
+    for r in metrics["runs"]:
+        a = tests[(r["model"], r["head"], r["label_fraction"])]["overall"]["auroc"]
+        informative = a["lo"] is not None and a["lo"] > 0.5
+        assert r["gate"] == ("informative" if informative else "not informative")
+        strata = {g: s for g, s in r["subgroups"]["stratum"].items()
+                  if s["auroc"]["lo"] is not None}  # fmt: skip
+        w = r["worst_stratum"]
+        if strata:
+            assert w["auroc"] == min(s["auroc"]["value"] for s in strata.values())
+            assert w["stratum"] in strata and w["strata"] == len(strata)
+        else:
+            assert w["stratum"] is None
+    models = metrics["gate"]["models"]
+    assert set(models) == {"pg", "random_init", "oracle", "thumbnail", "protocol_only"}
+    for m, g in models.items():
+        rows = [x for x in metrics["gate"]["rows"] if x["model"] == m]
+        assert (g["status"] == "informative") == any(x["status"] == "informative" for x in rows)
+
+
+def _run(model, split, auc, lo, hi, gate, diff=None):
+    vs = None if diff is None else {"diff": diff, "auc_a": auc, "auc_b": auc - diff,
+                                    "p_value": 0.01}  # fmt: skip
+    return {"model": model, "head": "linear", "label_fraction": 1.0, "seed": 0, "split": split,
+            "overall": {"auroc": {"value": auc, "lo": lo, "hi": hi}}, "gate": gate,
+            "vs_reference": vs, "subgroups": {}}  # fmt: skip
+
+
+def test_gate_rule_and_verdict_name_uninformative_models_instead_of_comparing():
+    from pgjax.eval.report import gate_runs, verdict
+
+    runs = [_run("pg", "test", 0.80, 0.62, 0.98, None),
+            _run("mae", "test", 0.55, 0.41, 0.69, None),
+            _run("simclr", "test", 0.30, 0.15, 0.45, None),
+            _run("pg", EXT, 0.70, 0.6, 0.8, None)]  # fmt: skip
+    gate = gate_runs(runs)
+    assert gate[("pg", "linear", 1.0)]["status"] == "informative"
+    assert gate[("mae", "linear", 1.0)]["status"] == "not informative"
+    assert "contains 0.5" in gate[("mae", "linear", 1.0)]["reason"]
+    assert gate[("simclr", "linear", 1.0)]["reason"] == "internal test interval below 0.5"
+    metrics = {"reference": "pg", "runs": [
+        _run("pg", EXT, 0.70, 0.6, 0.8, "informative"),
+        _run("mae", EXT, 0.60, 0.5, 0.7, "not informative", diff=-0.10),
+        _run("simclr", EXT, 0.65, 0.55, 0.75, "informative", diff=-0.05)]}  # fmt: skip
+    text = "\n".join(verdict(metrics, EXT))
+    assert "so not compared: **mae** (linear 100%)." in text
+    assert "pg beats simclr" in text
+    assert "pg beats mae" not in text and "mae (AUROC" not in text
+    # An uninformative reference is compared with nothing.
+    metrics["runs"][0]["gate"] = "not informative"
+    text = "\n".join(verdict(metrics, EXT))
+    assert "not compared: **pg** (linear 100%); **mae**" in text and "beats" not in text
+    from pgjax.eval.report import results_table
+
+    metrics["across_seeds"] = []
+    table = "\n".join(results_table(metrics, EXT))
+    assert "| simclr | linear | 100% |" in table
+    assert "not compared (ref. not informative)" in table and "-0.050" not in table
+
+
+def test_representation_diagnostics_read_what_the_embedding_carries():
+    from pgjax.eval import diagnostics as D
+
+    rng = np.random.default_rng(0)
+    n = 240
+    groups = np.array([f"p{i // 2}" for i in range(n)])  # two items per patient
+    view = np.where(rng.random(n) < 0.4, "AP", "PA")
+    score = rng.normal(size=n)
+    noise = rng.normal(size=(n, 16))
+    carries = noise.copy()
+    carries[:, 0] += 3 * score  # the score, in every view
+    carries[:, 1] += 3 * (view == "AP")  # and the view
+    strata = np.array([f"ViewPosition={v}" for v in view])
+    good = D.representation_diagnostics(carries, groups, score, strata, {"ViewPosition": view})
+    blind = D.representation_diagnostics(noise, groups, score, strata, {"ViewPosition": view})
+    assert good["score_r"]["pooled"]["r"] > 0.9
+    assert all(e["r"] > 0.9 for e in good["score_r"]["strata"].values())
+    assert abs(blind["score_r"]["pooled"]["r"]) < 0.3
+    assert set(good["score_r"]["strata"]) == {"ViewPosition=AP", "ViewPosition=PA"}
+    f_good, f_blind = good["fields"]["ViewPosition"], blind["fields"]["ViewPosition"]
+    assert f_good["majority"] == f_blind["majority"] == pytest.approx((view == "PA").mean())
+    assert f_good["accuracy"] > 0.9
+    assert f_blind["accuracy"] < f_blind["majority"] + 0.1
+    one = D.field_accuracy(noise, np.array(["X"] * n), groups)
+    assert one["accuracy"] is None and one["reason"] == "one value only"
+    tiny = D.ridge_r(noise[:5], score[:5], groups[:5])
+    assert tiny["r"] is None and "too few" in tiny["reason"]
+
+
+def test_diagnostics_of_every_encoder_reach_metrics_and_report(evaluation):
+    out, metrics = evaluation
+    rep = metrics["representation"]
+    assert set(rep) == {"pg", "random_init"}  # encoders only: references have no embedding
+    for d in rep.values():
+        assert d["dim"] == 64 and d["n"] == 90
+        assert set(d["score_r"]["strata"]) == {"ViewPosition=AP", "ViewPosition=PA"}
+        assert d["score_r"]["pooled"]["r"] is not None
+        assert set(d["fields"]) == {"ViewPosition", "Manufacturer"}  # no kernel on radiographs
+        assert 0.5 <= d["fields"]["ViewPosition"]["majority"] <= 1.0
+    report = (out / "report.md").read_text()
+    assert "score r ViewPosition=AP" in report and "ViewPosition acc. (majority)" in report
+
+
+def _fake_predictions(path, rng):
+    """predictions.csv of two models on test and two per-site external splits."""
+    from pgjax.eval.evaluate import PREDICTION_COLUMNS, write_predictions
+
+    rows = []
+    for model, signal in (("pg", 2.0), ("mae", 0.0)):
+        for split in ("test", "external:site_x", "external:site_y"):
+            for i in range(60):
+                y = int(i % 3 == 0)
+                view = "AP" if i % 2 else "PA"
+                z = signal * y + rng.normal()
+                rows.append({"task": "t", "model": model, "head": "linear",
+                             "label_fraction": 1.0, "seed": 0, "split": split,
+                             "item_id": f"{split}-{i}", "patient_key": f"{split}-p{i // 2}",
+                             "site": split.partition(":")[2] or "site_a", "vendor": "V",
+                             "scanner_model": "M", "modality": "CR", "protocol_border": 0,
+                             "stratum": f"ViewPosition={view}", "label": y,
+                             "prob": float(1 / (1 + np.exp(-z)))})  # fmt: skip
+    assert tuple(rows[0]) == PREDICTION_COLUMNS
+    write_predictions(path, rows)
+
+
+def test_per_site_external_splits_reach_report_plots_tool_and_sweep_table(tmp_path):
+    from pgjax.eval import report
+    from pgjax.eval.sweep import table_rows
+
+    _fake_predictions(tmp_path / "predictions.csv", np.random.default_rng(0))
+    context = {
+        "task": dataclasses.asdict(TaskSpec("t", "t", external_by_site=True)),
+        "store": "S", "models": [], "reference": "pg", "reference_rows": [],
+        "strata": {"fields": ["ViewPosition"]}, "representation": {},
+        "settings": {"sensitivity": 0.9, "n_boot": 20, "subgroup_boot": 10},
+        "label_join": {}, "counts": {}, "skipped": [],
+        "protocol_border": {"definition": "d", "border_items": 0, "unseen_items": 0,
+                            "training_protocols": 1, "min_patients": 3},
+    }  # fmt: skip
+    metrics = report.write_all(tmp_path, context)
+    text = (tmp_path / "report.md").read_text()
+    assert (
+        text.index("## Results: external:site_x split")
+        < text.index("## Results: external:site_y split")
+        < text.index("## Results: test split")
+    )
+    assert "Held-out site site_y" in text
+    for split in ("external_site_x", "external_site_y", "test"):
+        assert (tmp_path / "plots" / f"roc_reliability_{split}.png").exists()
+    # mae has no signal: not informative, so named, not compared
+    assert metrics["gate"]["models"]["mae"]["status"] == "not informative"
+    assert "not compared: **mae** (linear 100%)." in text
+    from pgjax.eval.report import console_summary
+
+    lines = console_summary(metrics)
+    assert lines[0].startswith("external:site_x (AUROC") and "internal test (AUROC" in "".join(
+        lines
+    )
+    assert "gate: NOT informative, not compared: mae" in lines
+    assert any(x.startswith("gate: informative") and "pg (linear 100%)" in x for x in lines)
+    assert {r["split"] for r in table_rows(metrics)} == {"test", "external:site_x",
+                                                         "external:site_y"}  # fmt: skip
+    done = subprocess.run([sys.executable, str(TOOL), str(tmp_path)], capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0 and "AGREE" in done.stdout, done.stdout + done.stderr
+    # The tool checks the worst stratum too: a wrong one is caught.
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    run = next(r for r in m["runs"] if r["worst_stratum"]["stratum"] is not None)
+    run["worst_stratum"]["stratum"] = "ViewPosition=LL"
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    done = subprocess.run([sys.executable, str(TOOL), str(tmp_path)], capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 1 and "worst stratum" in done.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +631,8 @@ def test_sweep_writes_one_table_with_reference_comparisons(store, tmp_path):
     tasks = load_tasks_config(None, ["metrics.n_boot=20", "metrics.subgroup_boot=10"])
     result = run_sweep(ablation, str(store), tmp_path, tasks)
     table = read_csv(tmp_path / "table.csv")
-    assert {r["model"] for r in table} == {"pg", "simclr", "random_init"}
+    assert {r["model"] for r in table} == {"pg", "simclr", "random_init", "oracle", "thumbnail",
+                                           "protocol_only"}  # fmt: skip
     assert all(r["p_value_vs_reference"] or r["model"] == "pg" or r["n_pos"] in ("0", "1")
                for r in table)  # fmt: skip
     assert "| pg | linear | 100% |" in (tmp_path / "table.md").read_text()

@@ -4,15 +4,20 @@
 
 Independent of pgjax (imports nothing from it): anyone holding predictions.csv can check the
 reported numbers. For every run (model, head, label fraction, seed, split) and every subgroup
-(site, vendor, scanner model, modality, protocol border) it recomputes n, n_pos, the number of
+(site, vendor, scanner model, modality, protocol border, protocol stratum) it recomputes n,
+n_pos, the number of
 patients, AUROC (sklearn roc_auc_score), Brier score (sklearn brier_score_loss), ECE over 15
 equal-width and 15 equal-mass bins (bins [a, b) with the last closed, as np.histogram; equal-mass
 edges are np.percentile(probs, np.linspace(0, 1, 16) * 100), the edges of
 sklearn.calibration.calibration_curve: with linspace(0, 100, 16) instead, an edge can move by
 one ulp onto a probability and change its bin), and the false-positive rate at the reported
-sensitivity (from sklearn roc_curve), and compares them with metrics.json. It also checks the
-file's SHA-256. Not recomputed: the DeLong and bootstrap intervals and the paired p-values (no
-scikit-learn equivalent; the bootstrap depends on the random stream).
+sensitivity (from sklearn roc_curve), and compares them with metrics.json; and per run the worst
+stratum (lowest AUROC among strata with at least 2 positives and 2 negatives). It also checks
+the file's SHA-256. Splits are whatever predictions.csv names ("test", "external", or one
+"external:<site>" per held-out site). Not recomputed: the DeLong and bootstrap intervals, the
+paired p-values (no scikit-learn equivalent; the bootstrap depends on the random stream), the
+gate (it reads the DeLong interval) and the representation diagnostics (from embeddings, not
+predictions).
 
 Exit status 0 when everything agrees within --tol, 1 otherwise (each disagreement printed).
 """
@@ -29,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
-SUBGROUPS = ("site", "vendor", "scanner_model", "modality", "protocol_border")
+SUBGROUPS = ("site", "vendor", "scanner_model", "modality", "protocol_border", "stratum")
 
 
 def ece(y: np.ndarray, p: np.ndarray, edges: np.ndarray) -> float:
@@ -55,6 +60,21 @@ def recompute(y: np.ndarray, p: np.ndarray, patients: np.ndarray, sensitivity: f
     out["auroc"] = float(roc_auc_score(y, p)) if two else None
     out["fpr_at_sensitivity"] = fpr_at(y, p, sensitivity) if two else None
     return out
+
+
+def worst_stratum(y, p, strata, sel) -> tuple:
+    """(stratum, AUROC) of the lowest AUROC among strata with >= 2 positives and negatives
+    (ties: the first name in sorted order); (None, None) when none qualifies."""
+    found = []
+    for g in sorted(set(strata[sel])):
+        k = sel & (strata == g)
+        pos = int(y[k].sum())
+        if pos >= 2 and k.sum() - pos >= 2:
+            found.append((float(roc_auc_score(y[k], p[k])), g))
+    if not found:
+        return None, None
+    auc, g = min(found)
+    return g, auc
 
 
 def reported(summary: dict) -> dict:
@@ -102,6 +122,16 @@ def main(argv=None) -> int:
                 border = attr == "protocol_border"
                 value = {"typical": "0", "border": "1"}.get(g, g) if border else g
                 tables.append((f"{attr}={g}", sel & (col[attr] == value), s))
+        if "worst_stratum" in run:
+            worst = worst_stratum(y_all, p_all, col["stratum"], sel)
+            theirs = (run["worst_stratum"].get("stratum"), run["worst_stratum"].get("auroc"))
+            checked += 1
+            if (
+                worst[0] != theirs[0]
+                or (worst[1] is None) != (theirs[1] is None)
+                or (worst[1] is not None and abs(worst[1] - theirs[1]) > args.tol)
+            ):
+                problems.append(f"{where} worst stratum: recomputed {worst}, metrics.json {theirs}")
         for name, k, summary in tables:
             mine = recompute(y_all[k], p_all[k], col["patient_key"][k], sens)
             theirs = reported(summary)

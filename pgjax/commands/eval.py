@@ -1,7 +1,8 @@
 """`pgjax eval --workdir DIR --task NAME [...]`: downstream evaluation of a pretrained model.
 
-The model in DIR, a random init of its architecture, and any other pretrained workdirs given with
-`--with NAME=DIR` are evaluated the same way on the task (see configs/tasks.py); the outputs go to
+The model in DIR, any other pretrained workdirs given with `--with NAME=DIR`, and the reference
+rows (oracle, thumbnail, protocol-only, a random init of DIR's architecture; the tasks config's
+`references`) are evaluated the same way on the task (see configs/tasks.py); the outputs go to
 DIR/eval/TASK/ (or --out): predictions.csv, metrics.json, context.json, report.md, plots/.
 """
 
@@ -43,7 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=DIR",
         help="another pretrained workdir to evaluate identically (repeatable)",
     )
-    p.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
+    p.add_argument(
+        "--no-random-init",
+        action="store_true",
+        help="skip the random-init reference row (the others: --set references=...)",
+    )
     p.add_argument(
         "--heads",
         help="comma list of linear, linear+protocol, finetune, finetune+protocol "
@@ -77,6 +82,8 @@ def _run(args) -> int:
         task = dataclasses.replace(task, seeds=tuple(int(s) for s in args.seeds.split(",")))
     heads = tuple(args.heads.split(",")) if args.heads else None
     settings = EvalSettings.from_config(tasks_config, heads)
+    if args.no_random_init:
+        settings.references = tuple(r for r in settings.references if r != "random_init")
     workdir = Path(args.workdir)
     models = [Model(args.name or workdir.name, workdir)]
     for item in args.others:
@@ -84,8 +91,6 @@ def _run(args) -> int:
         if not sep or not name or not path:
             raise ValueError(f"--with {item!r}: expected NAME=DIR")
         models.append(Model(name, Path(path)))
-    if not args.no_random_init:
-        models.append(Model("random_init", workdir, random_init=True))
     store = args.store or str(load_workdir_config(workdir).input.store)
     out = Path(args.out) if args.out else workdir / "eval" / task.name
     evaluate(models, task, store, out, settings, labels=args.labels, salt_file=args.salt_file)

@@ -23,12 +23,12 @@ UNKNOWN = "<unk>"
 class ProtocolDecoder:
     """Readable protocol fields of store rows, from the tokens and the store's vocabulary."""
 
-    def __init__(self, store, group: str = "images"):
+    def __init__(self, store, group: str = "images", fields=PROTOCOL_FIELDS):
         self.store = open_store(store)
         self.vocab = self.store.vocabulary()
         self.group = group
         keywords = list(self.vocab.keywords)
-        self.columns = {f: keywords.index(f) for f in PROTOCOL_FIELDS if f in keywords}
+        self.columns = {f: keywords.index(f) for f in fields if f in keywords}
 
     def fields(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         if len(rows) == 0:

@@ -13,7 +13,16 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from pgjax.eval.report import fmt_ci, headline_runs, subgroup_table, value
+from pgjax.eval.report import (
+    fmt_ci,
+    fmt_worst,
+    headline_runs,
+    is_external,
+    ordered_splits,
+    split_slug,
+    subgroup_table,
+    value,
+)
 
 INTENDED_USE = (
     "Research on self-supervised pretraining of medical-image encoders with DICOM header "
@@ -128,59 +137,37 @@ def write_card(workdir: str | Path, *, eval_dirs=(), audit: dict | None = None,
             else {}  # fmt: skip
         who = name if any(r["model"] == name for r in metrics["runs"]) else metrics["reference"]
         L += ["", f"## Evaluation: task {metrics['task']} (`{ed}`)", ""]
-        for split, title in (("external", "External validation (held-out site)"),
-                             ("test", "Internal test split")):  # fmt: skip
+        gate = ((metrics.get("gate") or {}).get("models") or {}).get(who)
+        if gate and gate["status"] != "informative":
+            L += [f"**Sanity gate: {gate['status']}.** No row of {who} has an internal test "
+                  "AUROC interval above 0.5: the results below are not evidence of what it "
+                  "learned.", ""]  # fmt: skip
+        splits = ordered_splits({r["split"] for r in metrics["runs"]})
+        for split in [s for s in splits if is_external(s) or s == "test"]:
+            title = (
+                "Internal test split"
+                if split == "test"
+                else "External validation (held-out site"
+                + ("s, pooled)" if split == "external" else f" {split.partition(':')[2]})")
+            )
             runs = _model_runs(metrics, who, split)
             if not runs:
                 continue
             L += [f"### {title}", "",
-                  "| head | labels | n (pos) | AUROC [95% CI] | ECE-15 [CI] | ECE-mass [CI] | "
-                  "Brier [CI] | FPR at sens. |",
-                  "| --- | ---: | ---: | --- | --- | --- | --- | --- |"]  # fmt: skip
+                  "| head | labels | n (pos) | AUROC [95% CI] | worst stratum AUROC | gate | "
+                  "ECE-15 [CI] | ECE-mass [CI] | Brier [CI] | FPR at sens. |",
+                  "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
             for r in runs:
                 o = r["overall"]
                 fpr = value(o, "fpr_at_sensitivity")
                 L.append(f"| {r['head']} | {r['label_fraction']:.0%} | {o.get('n')} "
-                         f"({o.get('n_pos')}) | {fmt_ci(o, 'auroc')} | {fmt_ci(o, 'ece_uniform')}"
+                         f"({o.get('n_pos')}) | {fmt_ci(o, 'auroc')} | {fmt_worst(r)} | "
+                         f"{r.get('gate', 'n/a')} | {fmt_ci(o, 'ece_uniform')}"
                          f" | {fmt_ci(o, 'ece_quantile')} | {fmt_ci(o, 'brier')} | "
                          f"{'n/a' if fpr is None else f'{fpr:.3f}'} |")  # fmt: skip
             L.append("")
-        ext = _model_runs(metrics, who, "external")
-        if ext:
-            top = max(ext, key=lambda r: r["label_fraction"])
-            L += ["### Calibration", "",
-                  f"ECE over 15 equal-width bins {fmt_ci(top['overall'], 'ece_uniform')}, over 15 "
-                  f"equal-mass bins {fmt_ci(top['overall'], 'ece_quantile')} (external, "
-                  f"{top['label_fraction']:.0%} labels). Reliability diagram: "
-                  f"`{ed / 'plots' / 'roc_reliability_external.png'}`. Probabilities come from a "
-                  "probe fitted at the training sites; recalibrate before use elsewhere.", "",
-                  "### Bias audit: subgroups (largest gaps flagged)", ""]  # fmt: skip
-            L += subgroup_table(top)
-            others = [r for r in headline_runs(metrics, "external") if r["model"] != who
-                      and r["label_fraction"] == top["label_fraction"]
-                      and r["head"] == top["head"]]  # fmt: skip
-            if others:
-                L += ["", "### Compared with other encoders (external, same cases)", "",
-                      "| model | AUROC [95% CI] | Δ vs this model | paired DeLong p |",
-                      "| --- | --- | ---: | ---: |"]  # fmt: skip
-                for r in others:
-                    vs = r.get("vs_reference") or {}
-                    d = vs.get("diff")
-                    p = vs.get("p_value")
-                    L.append(f"| {r['model']} | {fmt_ci(r['overall'], 'auroc')} | "
-                             f"{'n/a' if d is None else f'{d:+.3f}'} | "
-                             f"{'n/a' if p is None else f'{p:.3f}'} |")  # fmt: skip
-            b = context.get("protocol_border")
-            if b:
-                limits.append(
-                    f"{b['border_items']} of the test items of task {metrics['task']} "
-                    "have a protocol rare or unseen at the training sites (see the "
-                    "report's protocol-border table); expect such cases to differ."
-                )
-            n_ext = (top["overall"] or {}).get("n")
-            if n_ext is not None and n_ext < 200:
-                limits.append(f"The external test set of task {metrics['task']} has {n_ext} "
-                              "cases: intervals are wide.")  # fmt: skip
+        for split in [s for s in splits if is_external(s)]:
+            _external_sections(L, limits, metrics, context, ed, who, split)
     L += ["", "## De-identification audit", ""] + audit_section(audit)
     L += ["", "## Known limits", ""] + [f"- {x}" for x in limits]
     L += ["- Identifiers burned into pixels (ultrasound annotations, scanned documents) are "
@@ -188,3 +175,47 @@ def write_card(workdir: str | Path, *, eval_dirs=(), audit: dict | None = None,
     path = Path(out) if out else workdir / "MODEL_CARD.md"
     path.write_text("\n".join(L))
     return path
+
+
+def _external_sections(L: list, limits: list, metrics: dict, context: dict, ed: Path, who: str,
+                       split: str) -> None:  # fmt: skip
+    """Calibration, bias audit and comparisons of the model on one external split."""
+    ext = _model_runs(metrics, who, split)
+    if not ext:
+        return
+    top = max(ext, key=lambda r: r["label_fraction"])
+    where = "all held-out sites" if split == "external" else split.partition(":")[2]
+    L += [f"### Calibration ({where})", "",
+          f"ECE over 15 equal-width bins {fmt_ci(top['overall'], 'ece_uniform')}, over 15 "
+          f"equal-mass bins {fmt_ci(top['overall'], 'ece_quantile')} ({split}, "
+          f"{top['label_fraction']:.0%} labels). Reliability diagram: "
+          f"`{ed / 'plots' / f'roc_reliability_{split_slug(split)}.png'}`. Probabilities come "
+          "from a probe fitted at the training sites; recalibrate before use elsewhere.", "",
+          f"### Bias audit: subgroups, {where} (largest gaps flagged)", ""]  # fmt: skip
+    L += subgroup_table(top)
+    others = [r for r in headline_runs(metrics, split) if r["model"] != who
+              and r["label_fraction"] == top["label_fraction"]
+              and r["head"] == top["head"]]  # fmt: skip
+    if others:
+        L += ["", f"### Compared with other encoders ({split}, same cases)", "",
+              "| model | AUROC [95% CI] | gate | Δ vs this model | paired DeLong p |",
+              "| --- | --- | --- | ---: | ---: |"]  # fmt: skip
+        for r in others:
+            vs = r.get("vs_reference") or {}
+            d = vs.get("diff")
+            p = vs.get("p_value")
+            L.append(f"| {r['model']} | {fmt_ci(r['overall'], 'auroc')} | {r.get('gate', 'n/a')}"
+                     f" | {'n/a' if d is None else f'{d:+.3f}'} | "
+                     f"{'n/a' if p is None else f'{p:.3f}'} |")  # fmt: skip
+    L.append("")
+    b = context.get("protocol_border")
+    if b:
+        note = (f"{b['border_items']} of the test items of task {metrics['task']} have a "
+                "protocol rare or unseen at the training sites (see the report's "
+                "protocol-border table); expect such cases to differ.")  # fmt: skip
+        if note not in limits:
+            limits.append(note)
+    n_ext = (top["overall"] or {}).get("n")
+    if n_ext is not None and n_ext < 200:
+        limits.append(f"The {split} test set of task {metrics['task']} has {n_ext} cases: "
+                      "intervals are wide.")  # fmt: skip

@@ -1,7 +1,9 @@
 """One evaluation: models x heads x label fractions x seeds on one task, to predictions.csv.
 
-Every model (pretrained checkpoints, and a random init of the reference's architecture) goes
-through the same code: the same items, the same label subsets, the same probe and penalty grid.
+Every model (pretrained checkpoints, and a random init of the reference's architecture) and
+every reference row (`pgjax.eval.references`: oracle, thumbnail, protocol-only) goes through the
+same code: the same items, the same label subsets, the same probe and penalty grid. Each
+encoder's frozen embedding also gets the representation diagnostics (`pgjax.eval.diagnostics`).
 The predictions are written first; `pgjax.eval.report` then computes metrics.json from exactly
 the rows of predictions.csv and writes the report and plots.
 """
@@ -17,14 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from pgjax.eval import border as border_lib
+from pgjax.eval import diagnostics as diag_lib
 from pgjax.eval import probe as probe_lib
+from pgjax.eval import references as ref_lib
 from pgjax.eval.embed import Embedder, Model, cached_embeddings
 from pgjax.eval.tasks import TaskItems, TaskSpec, describe, fraction_patients, load_items
 
+# Protocol fields the diagnostics try to read from each frozen image embedding (where the store
+# has them and they vary).
+DIAGNOSTIC_FIELDS = ("ViewPosition", "Manufacturer", "ConvolutionKernel")
 HEADS = ("linear", "linear+protocol", "finetune", "finetune+protocol")
 PREDICTION_COLUMNS = ("task", "model", "head", "label_fraction", "seed", "split", "item_id",
                       "patient_key", "site", "vendor", "scanner_model", "modality",
-                      "protocol_border", "label", "prob")  # fmt: skip
+                      "protocol_border", "stratum", "label", "prob")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -41,11 +48,13 @@ class EvalSettings:
     sensitivity: float = 0.9
     border_min_patients: int = 3
     embed_batch: int = 64
+    references: tuple[str, ...] = ref_lib.REFERENCES
 
     def __post_init__(self):
         bad = [h for h in self.heads if h not in HEADS]
         if bad or not self.heads:
             raise ValueError(f"heads must be among {HEADS}, not {list(self.heads)}")
+        self.references = ref_lib.check_names(tuple(self.references))
 
     @classmethod
     def from_config(cls, c, heads=None) -> EvalSettings:
@@ -57,6 +66,7 @@ class EvalSettings:
             finetune=dict(c.finetune), n_boot=int(m.n_boot), subgroup_boot=int(m.subgroup_boot),
             sensitivity=float(m.sensitivity), border_min_patients=int(m.border_min_patients),
             embed_batch=int(c.embed_batch),
+            references=tuple(c.get("references", ref_lib.REFERENCES)),
         )  # fmt: skip
 
 
@@ -76,7 +86,9 @@ def evaluate(
     reference: str | None = None,
 ) -> dict:
     """Write out/predictions.csv, out/metrics.json, out/report.md and out/plots/; returns the
-    metrics. `reference` names the model the others are compared with (paired DeLong)."""
+    metrics. `reference` names the model the others are compared with (paired DeLong).
+    settings.references adds the reference rows; `random_init` is added (a random init of the
+    reference model's architecture) unless a random-init model is among `models`."""
     from pgjax.eval import report
 
     out = Path(out)
@@ -87,6 +99,16 @@ def evaluate(
     reference = reference or names[0]
     if reference not in names:
         raise ValueError(f"reference {reference!r} is not among the models {names}")
+    feature_refs = [r for r in settings.references if r != "random_init"]
+    clash = sorted(set(feature_refs) & set(names))
+    if clash:
+        raise ValueError(f"model names {clash} are taken by reference rows; rename the models")
+    models = list(models)
+    if "random_init" in settings.references and not any(m.random_init for m in models):
+        if "random_init" in names:
+            raise ValueError("a model named 'random_init' that is not a random init")
+        ref_model = next(m for m in models if m.name == reference)
+        models.append(Model("random_init", ref_model.workdir, random_init=True))
 
     started = time.perf_counter()
     items = load_items(store, task, labels=labels, salt_file=salt_file)
@@ -105,19 +127,54 @@ def evaluate(
     used = np.concatenate([idx_train, idx_val, idx_test])
     rows = items.rows[used]
     position = {int(i): k for k, i in enumerate(used)}
+    strata, strata_info, fields = _strata_and_fields(store, task, rows)
+    stratum_of = {int(i): strata[k] for k, i in enumerate(used)}
+    scores = None if items.scores is None else items.scores[used]
 
     predictions: list[dict] = []
     skipped: list[dict] = []
     notes: dict = {}
-    for model in models:
+    representation: dict = {}
+    reference_rows: list[dict] = []
+    sources = [(m.name, m) for m in models]
+    sources += [(name, None) for name in feature_refs]
+    for name, model in sources:
         t0 = time.perf_counter()
-        emb, embedder = cached_embeddings(
-            model, store, rows, out / "embeddings", group=task.group, batch=settings.embed_batch
-        )
-        log(f"{model.name}: embeddings {emb['image'].shape} ({time.perf_counter() - t0:.1f} s)")
+        embedder = None
+        if model is not None:
+            emb, embedder = cached_embeddings(
+                model, store, rows, out / "embeddings", group=task.group,
+                batch=settings.embed_batch,
+            )  # fmt: skip
+            log(f"{name}: embeddings {emb['image'].shape} ({time.perf_counter() - t0:.1f} s)")
+            representation[name] = diag_lib.representation_diagnostics(
+                emb["image"], items.columns["patient_key"][used], scores, strata, fields,
+                scores_reason=items.scores_reason,
+            )  # fmt: skip
+            if model.random_init:
+                reference_rows.append({"name": name, "status": "ok",
+                                       "what": ref_lib.DESCRIPTIONS["random_init"]})  # fmt: skip
+        else:
+            try:
+                x = ref_lib.features(name, store, task.group, rows, scores, items.scores_reason)
+            except ref_lib.Unavailable as e:
+                reason = str(e)
+                log(f"reference {name}: skipped, {reason}")
+                skipped.append({"model": name, "reason": f"reference row not computed: {reason}"})
+                reference_rows.append({"name": name, "status": "skipped", "reason": reason,
+                                       "what": ref_lib.DESCRIPTIONS[name]})  # fmt: skip
+                continue
+            emb = {"image": x}
+            reference_rows.append({"name": name, "status": "ok", "features": int(x.shape[1]),
+                                   "what": ref_lib.DESCRIPTIONS[name]})  # fmt: skip
+            log(f"reference {name}: {x.shape[1]} features ({time.perf_counter() - t0:.1f} s)")
         for head in settings.heads:
+            if model is None and head != "linear":
+                skipped.append({"model": name, "head": head,
+                                "reason": "reference row: linear probe only"})  # fmt: skip
+                continue
             if head.endswith("+protocol") and "protocol" not in emb:
-                skipped.append({"model": model.name, "head": head,
+                skipped.append({"model": name, "head": head,
                                 "reason": "no protocol encoder (image-only model)"})  # fmt: skip
                 continue
             if head.startswith("finetune") and embedder is None:
@@ -132,15 +189,15 @@ def evaluate(
                         seed, settings, embedder,
                     )  # fmt: skip
                     if isinstance(result, str):
-                        skipped.append({"model": model.name, "head": head,
+                        skipped.append({"model": name, "head": head,
                                         "label_fraction": fraction, "seed": seed,
                                         "reason": result})  # fmt: skip
                         continue
                     probs, note = result
-                    notes[f"{model.name}/{head}/{fraction}/{seed}"] = note
+                    notes[f"{name}/{head}/{fraction}/{seed}"] = note
                     predictions.extend(_prediction_rows(
-                        items, idx_test, probs, border, scanner, task, model.name, head,
-                        fraction, seed,
+                        items, idx_test, probs, border, scanner, task, name, head,
+                        fraction, seed, [stratum_of[int(i)] for i in idx_test],
                     ))  # fmt: skip
     for s in skipped:
         log(f"skipped {s}")
@@ -159,6 +216,9 @@ def evaluate(
             }
             for m in models
         ],  # fmt: skip
+        "reference_rows": reference_rows,
+        "strata": strata_info,
+        "representation": representation,
         "reference": reference,
         "settings": dataclasses.asdict(settings),
         "label_join": items.join,
@@ -183,6 +243,27 @@ def _objectives(model: Model) -> list[str]:
         return ["(random init)"]
     objectives = model.config.objectives
     return [n for n in objectives if float(objectives[n].get("weight", 0.0)) > 0]
+
+
+def _strata_and_fields(store, task: TaskSpec, rows: np.ndarray):
+    """(stratum name per row, what the strata are, {field: values} of the protocol fields the
+    diagnostics try to read from embeddings)."""
+    wanted = tuple(dict.fromkeys((*task.strata, *DIAGNOSTIC_FIELDS)))
+    decoded = border_lib.ProtocolDecoder(store, task.group, fields=wanted).fields(rows)
+    present = [f for f in task.strata if f in decoded]
+    missing = [f for f in task.strata if f not in decoded]
+    info = {"fields": present}
+    if missing:
+        info["missing"] = {f: "not among the store's protocol keywords" for f in missing}
+    if present:
+        strata = np.array(["; ".join(f"{f}={decoded[f][k]}" for f in present)
+                           for k in range(len(rows))], dtype=object)  # fmt: skip
+    else:
+        strata = np.array(["all"] * len(rows), dtype=object)
+    fields = {f: decoded[f] for f in DIAGNOSTIC_FIELDS if f in decoded}
+    # A field absent from every item of this group (a CT kernel on radiographs) says nothing.
+    fields = {f: v for f, v in fields.items() if not np.all(v == "<missing>")}
+    return strata, info, fields
 
 
 def _run_one(items: TaskItems, emb, position, idx_train, idx_val, idx_test, head, fraction,
@@ -224,7 +305,7 @@ def _run_one(items: TaskItems, emb, position, idx_train, idx_val, idx_test, head
 
 
 def _prediction_rows(items: TaskItems, idx_test, probs, border, scanner, task: TaskSpec, model,
-                     head, fraction, seed) -> list[dict]:  # fmt: skip
+                     head, fraction, seed, strata) -> list[dict]:  # fmt: skip
     c = items.columns
     base = {"task": task.name, "model": model, "head": head, "label_fraction": fraction,
             "seed": seed}  # fmt: skip
@@ -240,6 +321,7 @@ def _prediction_rows(items: TaskItems, idx_test, probs, border, scanner, task: T
                 "scanner_model": scanner[k],
                 "modality": c["modality"][i],
                 "protocol_border": int(border[k]),
+                "stratum": strata[k],
                 "label": int(items.labels[i]),
                 "prob": float(probs[k]),
             }  # fmt: skip
@@ -256,6 +338,8 @@ def _prediction_rows(items: TaskItems, idx_test, probs, border, scanner, task: T
             **base, "split": split, "item_id": study, "patient_key": c["patient_key"][i],
             "site": c["site"][i], "vendor": c["vendor"][i], "scanner_model": scanner[ks[0]],
             "modality": c["modality"][i], "protocol_border": int(border[ks].any()),
+            # A study whose items lie in different strata belongs to none of them.
+            "stratum": strata[ks[0]] if len({strata[k] for k in ks}) == 1 else "mixed",
             "label": int(items.labels[i]), "prob": float(np.mean(probs[ks])),
         })  # fmt: skip
     return out

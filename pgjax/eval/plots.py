@@ -58,12 +58,13 @@ def _first_seed_runs(p: dict, split: str, head: str):
 def write_plots(out: Path, p: dict, metrics: dict, context: dict) -> dict[str, str]:
     """Writes out/plots/*.png; returns {title: relative path} for the report."""
     from pgjax.eval import metrics as M
+    from pgjax.eval.report import is_external, ordered_splits, split_slug
 
     plt = _plt()
     plots = Path(out) / "plots"
     plots.mkdir(exist_ok=True)
     figures: dict[str, str] = {}
-    splits = [s for s in ("external", "test") if s in set(p["split"])]
+    splits = [s for s in ordered_splits(set(p["split"])) if is_external(s) or s == "test"]
     head = str(p["head"][0])
     models = list(dict.fromkeys(str(m) for m in p["model"]))
     for split in splits:
@@ -95,7 +96,7 @@ def write_plots(out: Path, p: dict, metrics: dict, context: dict) -> dict[str, s
                    ylim=(0, 1))  # fmt: skip
         ax_rel.legend(fontsize=7)
         figures[f"ROC and reliability ({split})"] = _save(
-            plt, fig, plots, f"roc_reliability_{split}.png"
+            plt, fig, plots, f"roc_reliability_{split_slug(split)}.png"
         )
 
         # AUROC against label fraction
@@ -125,7 +126,7 @@ def write_plots(out: Path, p: dict, metrics: dict, context: dict) -> dict[str, s
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.legend(fontsize=7)
         figures[f"AUROC vs label fraction ({split})"] = _save(
-            plt, fig, plots, f"auroc_vs_fraction_{split}.png"
+            plt, fig, plots, f"auroc_vs_fraction_{split_slug(split)}.png"
         )
 
         # Per-vendor AUROC bars, largest fraction
@@ -155,6 +156,6 @@ def write_plots(out: Path, p: dict, metrics: dict, context: dict) -> dict[str, s
                title=f"AUROC per vendor, {split}, {top:.0%} labels")  # fmt: skip
         ax.legend(fontsize=7)
         figures[f"AUROC per vendor ({split})"] = _save(
-            plt, fig, plots, f"auroc_by_vendor_{split}.png"
+            plt, fig, plots, f"auroc_by_vendor_{split_slug(split)}.png"
         )
     return figures

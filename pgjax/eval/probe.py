@@ -105,13 +105,18 @@ def train_linear_probe(
     return LinearProbe(mean, scale, w, b, grid[best], selection)
 
 
-def _grouped_cv_losses(xs, y, groups, grid, folds) -> list[float]:
+def patient_folds(groups: np.ndarray, k: int) -> np.ndarray:
+    """Fold (0..k-1) of each item: whole patients, dealt round-robin in a fixed random order."""
     patients = np.unique(groups)
-    k = int(min(folds, len(patients)))
+    fold_of = {p: i % k for i, p in enumerate(np.random.default_rng(0).permutation(patients))}
+    return np.array([fold_of[g] for g in groups], dtype=np.int64)
+
+
+def _grouped_cv_losses(xs, y, groups, grid, folds) -> list[float]:
+    k = int(min(folds, len(np.unique(groups))))
     if k < 2:
         return [0.0 for _ in grid]  # one patient: nothing to validate on; the strongest wins
-    fold_of = {p: i % k for i, p in enumerate(np.random.default_rng(0).permutation(patients))}
-    fold = np.array([fold_of[g] for g in groups])
+    fold = patient_folds(groups, k)
     losses = np.zeros(len(grid))
     for f in range(k):
         tr, va = fold != f, fold == f

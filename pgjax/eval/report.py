@@ -7,8 +7,12 @@ scikit-learn and NumPy alone and compares. The formulas live in `pgjax.eval.metr
 Per run (model, head, label fraction, seed) and test split: AUROC with its DeLong 95% interval,
 ECE (15 equal-width bins, and 15 equal-mass bins), Brier score, both with patient-level bootstrap
 intervals, the false-positive rate at a fixed sensitivity; the same per subgroup (site, vendor,
-scanner model, modality, protocol border); a paired DeLong test against the reference model on
-the same cases.
+scanner model, modality, protocol border, protocol stratum); the worst stratum's AUROC beside
+the pooled one; a paired DeLong test against the reference model on the same cases. The gate:
+a (model, head, label fraction) whose internal `test` AUROC 95% DeLong interval does not lie
+above 0.5 is "not informative" on every split, and verdicts name it so instead of comparing it.
+The representation diagnostics (computed from embeddings, not predictions) are copied from the
+evaluation's context.
 """
 
 from __future__ import annotations
@@ -22,7 +26,30 @@ from pathlib import Path
 
 import numpy as np
 
-SUBGROUPS = ("site", "vendor", "scanner_model", "modality", "protocol_border")
+SUBGROUPS = ("site", "vendor", "scanner_model", "modality", "protocol_border", "stratum")
+INTERNAL_TEST = "test"
+GATE_RULE = ("informative when the internal test split's AUROC 95% DeLong interval lies above "
+             "0.5 (per model, head and label fraction, first seed); otherwise not informative "
+             "on every split, and not compared with other rows")  # fmt: skip
+
+
+def is_external(split: str) -> bool:
+    """The pooled "external" split, or one held-out site's "external:<site>"."""
+    return split == "external" or split.startswith("external:")
+
+
+def ordered_splits(splits) -> list[str]:
+    """External splits first (pooled, then per site by name), then the internal test, then
+    the rest: the order of the report's, card's and sweep's tables."""
+    splits = set(splits)
+    ext = sorted(s for s in splits if is_external(s))
+    rest = [INTERNAL_TEST] if INTERNAL_TEST in splits else []
+    return ext + rest + sorted(splits - set(ext) - set(rest))
+
+
+def split_slug(split: str) -> str:
+    """A split name usable in a file name ("external:site_d" -> "external_site_d")."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in split)
 
 
 def read_predictions(path: str | Path) -> dict[str, np.ndarray]:
@@ -85,6 +112,8 @@ def compute_metrics(pred_path: str | Path, context: dict) -> dict:
             "subgroups": {},
         }  # fmt: skip
         for attr in SUBGROUPS:
+            if attr not in p:  # predictions from before the column existed
+                continue
             table = {}
             for g in sorted(set(p[attr][idx])):
                 k = p[attr][idx] == g
@@ -96,6 +125,7 @@ def compute_metrics(pred_path: str | Path, context: dict) -> dict:
             run["subgroups"][attr] = table
         overall_auc = value(run["overall"], "auroc")
         run["gaps"] = {attr: _gaps(M, t, overall_auc) for attr, t in run["subgroups"].items()}
+        run["worst_stratum"] = worst_stratum(run["subgroups"].get("stratum", {}))
         if model != reference:
             ref = _select(p, reference, head, fraction, seed, split)
             ref = ref[np.argsort(p["item_id"][ref], kind="stable")]
@@ -111,6 +141,9 @@ def compute_metrics(pred_path: str | Path, context: dict) -> dict:
                     "reason": "the reference has no run on the same cases",
                 }
         runs.append(run)
+    gate = gate_runs(runs)
+    for run in runs:
+        run["gate"] = gate[(run["model"], run["head"], run["label_fraction"])]["status"]
     digest = hashlib.sha256(pred_path.read_bytes()).hexdigest()
     return {
         "format": "pgjax-eval-metrics",
@@ -130,11 +163,92 @@ def compute_metrics(pred_path: str | Path, context: dict) -> dict:
             "intervals": "ECE and Brier: percentile bootstrap resampling patients "
             f"({s['n_boot']} resamples overall, {s['subgroup_boot']} per subgroup)",
             "vs_reference": "paired DeLong test of AUROC against the reference on the same cases",
+            "stratum": "protocol stratum: the values of the fields "
+            f"{(context.get('strata') or {}).get('fields', [])} (a study whose items differ: "
+            "'mixed')",
+            "worst_stratum": "the lowest AUROC among strata with at least 2 positives and 2 "
+            "negatives",
+            "gate": GATE_RULE,
+            "representation": "per encoder, from its frozen image embedding of all evaluated "
+            "items: score_r = Pearson r of patient-grouped 5-fold cross-validated ridge "
+            "predictions of the true latent score (pooled, and fitted within each stratum); "
+            "fields = cross-validated accuracy of a one-vs-rest logistic probe reading each "
+            "protocol field, beside the majority-class rate",
             "unit": context["task"]["unit"],
         },
+        "reference_rows": context.get("reference_rows", []),
+        "gate": {
+            "rule": GATE_RULE,
+            "rows": [
+                {"model": m, "head": h, "label_fraction": f, **g} for (m, h, f), g in gate.items()
+            ],
+            "models": gate_models(gate),
+        },  # fmt: skip
+        "representation": context.get("representation", {}),
         "runs": runs,
         "across_seeds": _across_seeds(runs),
     }
+
+
+def worst_stratum(table: dict) -> dict:
+    """The stratum with the lowest AUROC among those with a DeLong interval (>= 2 positives
+    and 2 negatives); with how many strata qualified."""
+    ok = {
+        g: s
+        for g, s in table.items()
+        if (s.get("auroc") or {}).get("value") is not None and s["auroc"].get("lo") is not None
+    }
+    if not ok:
+        return {"stratum": None, "strata": 0, "reason": "no stratum has 2 positives and 2 "
+                "negatives"}  # fmt: skip
+    g = min(ok, key=lambda k: (ok[k]["auroc"]["value"], k))
+    a = ok[g]["auroc"]
+    return {"stratum": g, "strata": len(ok), "of": len(table), "auroc": a["value"],
+            "lo": a["lo"], "hi": a["hi"], "n": ok[g]["n"], "n_pos": ok[g]["n_pos"]}  # fmt: skip
+
+
+def gate_runs(runs: list[dict]) -> dict[tuple, dict]:
+    """{(model, head, fraction): {"status", "auroc", "lo", "hi", "reason"}} from the first
+    seed's internal test run; see GATE_RULE."""
+    out: dict[tuple, dict] = {}
+    for r in runs:
+        key = (r["model"], r["head"], r["label_fraction"])
+        if r["split"] == INTERNAL_TEST and key not in out:
+            a = r["overall"].get("auroc") or {}
+            entry = {"seed": r["seed"], "auroc": a.get("value"), "lo": a.get("lo"),
+                     "hi": a.get("hi")}  # fmt: skip
+            if a.get("lo") is None:
+                entry.update(
+                    status="not informative",
+                    reason=f"no internal test interval ({a.get('reason', 'n/a')})",
+                )
+            elif a["lo"] > 0.5:
+                entry["status"] = "informative"
+            elif a["hi"] < 0.5:
+                entry.update(status="not informative", reason="internal test interval below 0.5")
+            else:
+                entry.update(status="not informative", reason="internal test interval contains "
+                             "0.5")  # fmt: skip
+            out[key] = entry
+    for r in runs:
+        key = (r["model"], r["head"], r["label_fraction"])
+        out.setdefault(key, {"status": "unknown", "reason": "no internal test split"})
+    return out
+
+
+def gate_models(gate: dict[tuple, dict]) -> dict[str, dict]:
+    """Per model: informative if any of its (head, fraction) rows is; with those rows' counts."""
+    models: dict[str, dict] = {}
+    for (m, h, f), g in gate.items():
+        e = models.setdefault(m, {"status": "not informative", "informative_rows": [],
+                                  "rows": 0})  # fmt: skip
+        e["rows"] += 1
+        if g["status"] == "informative":
+            e["status"] = "informative"
+            e["informative_rows"].append(f"{h} {f:.0%}")
+        elif g["status"] == "unknown" and e["status"] != "informative":
+            e["status"] = "unknown"
+    return models
 
 
 def _asdict(x) -> dict:
@@ -253,36 +367,160 @@ def _seed_stats(metrics, r) -> str:
     return ""
 
 
+def reference_names(metrics: dict) -> set[str]:
+    return {r["name"] for r in metrics.get("reference_rows", [])}
+
+
+def fmt_worst(run: dict) -> str:
+    w = run.get("worst_stratum") or {}
+    if w.get("stratum") is None:
+        return "n/a"
+    # "ViewPosition=AP" -> "AP": the field names are in the table's explanation
+    name = "; ".join(part.partition("=")[2] or part for part in w["stratum"].split("; "))
+    return f"{w['auroc']:.3f} [{w['lo']:.3f}, {w['hi']:.3f}] ({name}, {w['strata']}/{w['of']})"
+
+
+def fmt_gate(run: dict) -> str:
+    g = run.get("gate")
+    return "**not informative**" if g == "not informative" else (g or "n/a")
+
+
 def results_table(metrics: dict, split: str) -> list[str]:
+    """One row per (model, head, fraction), reference rows last."""
     lines = [
-        "| model | head | labels | n (pos) | AUROC [95% CI] | ECE-15 [CI] | ECE-mass [CI] | "
-        "Brier [CI] | FPR@sens | ΔAUROC vs ref (p) | AUROC over seeds |",
-        "| --- | --- | ---: | ---: | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | head | labels | n (pos) | AUROC [95% CI] | worst stratum AUROC [CI] | gate | "
+        "ECE-15 [CI] | Brier [CI] | FPR@sens | ΔAUROC vs ref (p) | AUROC over seeds |",
+        "| --- | --- | ---: | ---: | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in headline_runs(metrics, split):
+    refs = reference_names(metrics)
+    rows = headline_runs(metrics, split)
+    rows = [r for r in rows if r["model"] not in refs] + [r for r in rows if r["model"] in refs]
+    ref_gate = {(r["head"], r["label_fraction"]): r.get("gate") for r in rows
+                if r["model"] == metrics["reference"]}  # fmt: skip
+    for r in rows:
         o = r["overall"]
         vs = r.get("vs_reference")
-        if vs and vs.get("diff") is not None:
+        if r.get("gate") == "not informative" and r["model"] != metrics["reference"]:
+            delta = "not compared"
+        elif vs and ref_gate.get((r["head"], r["label_fraction"])) == "not informative":
+            delta = "not compared (ref. not informative)"
+        elif vs and vs.get("diff") is not None:
             delta = f"{vs['diff']:+.3f} ({fmt_p(vs.get('p_value'))})"
         else:
             delta = "reference" if not vs else "n/a"
         fpr = value(o, "fpr_at_sensitivity")
+        name = f"{r['model']} (ref. row)" if r["model"] in refs else r["model"]
         lines.append(
-            f"| {r['model']} | {r['head']} | {r['label_fraction']:.0%} | {o.get('n')} "
-            f"({o.get('n_pos')}) | {fmt_ci(o, 'auroc')} | {fmt_ci(o, 'ece_uniform')} | "
-            f"{fmt_ci(o, 'ece_quantile')} | {fmt_ci(o, 'brier')} | "
+            f"| {name} | {r['head']} | {r['label_fraction']:.0%} | {o.get('n')} "
+            f"({o.get('n_pos')}) | {fmt_ci(o, 'auroc')} | {fmt_worst(r)} | {fmt_gate(r)} | "
+            f"{fmt_ci(o, 'ece_uniform')} | {fmt_ci(o, 'brier')} | "
             f"{'n/a' if fpr is None else f'{fpr:.3f}'} | {delta} | {_seed_stats(metrics, r)} |"
         )
     return lines
 
 
+def strata_table(metrics: dict, split: str) -> list[str]:
+    """AUROC within each protocol stratum, one column per stratum."""
+    rows = headline_runs(metrics, split)
+    strata = sorted({g for r in rows for g in r["subgroups"].get("stratum", {})})
+    if len(strata) < 2:
+        return []
+    lines = ["| model | head | labels | " + " | ".join(f"{g}: n (pos), AUROC" for g in strata)
+             + " |", "| --- | --- | ---: |" + " --- |" * len(strata)]  # fmt: skip
+    for r in rows:
+        t = r["subgroups"].get("stratum", {})
+        cells = [f"{t[g]['n']} ({t[g]['n_pos']}), {fmt_ci(t[g], 'auroc')}" if g in t else "-"
+                 for g in strata]  # fmt: skip
+        lines.append(f"| {r['model']} | {r['head']} | {r['label_fraction']:.0%} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    return lines
+
+
+def reference_block(metrics: dict) -> list[str]:
+    rows = metrics.get("reference_rows") or []
+    if not rows:
+        return []
+    L = ["## Reference rows", "",
+         "Computed in every evaluation, through the same items, label subsets and probe as the "
+         "models: the oracle bounds what any model can reach, the thumbnail is what pixels give "
+         "with no learning, protocol-only is what the acquisition alone says.", ""]  # fmt: skip
+    for r in rows:
+        state = "" if r["status"] == "ok" else f" **skipped: {r['reason']}**"
+        L.append(f"- **{r['name']}**: {r['what']}.{state}")
+    return L
+
+
+def gate_block(metrics: dict) -> list[str]:
+    gate = metrics.get("gate") or {}
+    models = gate.get("models") or {}
+    if not models:
+        return []
+    L = ["## Sanity gate", "", f"Rule: {gate['rule']}.", ""]
+    for m, g in models.items():
+        if g["status"] == "informative":
+            L.append(f"- {m}: informative ({', '.join(g['informative_rows'])}).")
+        else:
+            L.append(f"- {m}: **{g['status']}** in each of its {g['rows']} rows: its numbers "
+                     "below are not evidence for or against it.")  # fmt: skip
+    return L
+
+
+def diagnostics_table(metrics: dict) -> list[str]:
+    rep = metrics.get("representation") or {}
+    if not rep:
+        return []
+    strata = sorted({s for d in rep.values() for s in (d.get("score_r") or {}).get("strata", {})})
+    fields = sorted({f for d in rep.values() for f in d.get("fields", {})})
+    L = ["## Representation diagnostics", "",
+         "From each encoder's frozen image embedding of all evaluated items, patient-grouped "
+         "5-fold cross-validation. Score r: Pearson r of ridge predictions of the true latent "
+         "score, fitted within each stratum and pooled (near 0 within strata: the encoder does "
+         "not see the finding itself). Field: probe accuracy reading a protocol field "
+         "(majority-class rate in brackets).", ""]  # fmt: skip
+    head = ["encoder", "dim", "score r pooled", *(f"score r {s}" for s in strata),
+            *(f"{f} acc. (majority)" for f in fields)]  # fmt: skip
+    L += ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+
+    def r_cell(e):
+        if not e or e.get("r") is None:
+            return f"n/a ({(e or {}).get('reason', 'no score')})"
+        return f"{e['r']:.2f} (n {e['n']})"
+
+    for name, d in rep.items():
+        sr = d.get("score_r") or {}
+        cells = [name, str(d.get("dim")), r_cell(sr.get("pooled") if "pooled" in sr else sr)]
+        cells += [r_cell(sr.get("strata", {}).get(s)) for s in strata]
+        for f in fields:
+            e = d.get("fields", {}).get(f)
+            if not e:
+                cells.append("-")
+            elif e.get("accuracy") is None:
+                cells.append(f"n/a ({e.get('reason')})")
+            else:
+                cells.append(f"{e['accuracy']:.2f} ({e['majority']:.2f})")
+        L.append("| " + " | ".join(cells) + " |")
+    return L
+
+
 def verdict(metrics: dict, split: str = "external") -> list[str]:
     """Plain sentences: does the reference beat each other model on this split, and is the
-    difference significant? Written from the numbers, whatever they are."""
+    difference significant? Written from the numbers, whatever they are. A row that fails the
+    gate (internal test interval not above 0.5) is named as not informative, not compared."""
     rows = headline_runs(metrics, split)
     ref = metrics["reference"]
     out = []
+    gate = {(r["model"], r["head"], r["label_fraction"]): r.get("gate") for r in rows}
+    failed: dict[str, list[str]] = {}
     for r in rows:
+        if r.get("gate") == "not informative":
+            failed.setdefault(r["model"], []).append(f"{r['head']} {r['label_fraction']:.0%}")
+    if failed:
+        out.append("- Not informative (internal test AUROC interval not above 0.5), so not "
+                   "compared: " + "; ".join(f"**{m}** ({', '.join(v)})" for m, v in failed.items())
+                   + ".")  # fmt: skip
+    for r in rows:
+        if r.get("gate") == "not informative":
+            continue
         a = r["overall"].get("auroc") or {}
         if a.get("hi") is not None and a["hi"] < 0.5:
             out.append(
@@ -292,8 +530,10 @@ def verdict(metrics: dict, split: str = "external") -> list[str]:
                 "sites is reversed here."
             )
     for r in rows:
-        if r["model"] == ref:
+        if r["model"] == ref or r.get("gate") == "not informative":
             continue
+        if gate.get((ref, r["head"], r["label_fraction"])) == "not informative":
+            continue  # the reference's own line says so
         vs = r.get("vs_reference") or {}
         if vs.get("diff") is None:
             continue
@@ -306,6 +546,47 @@ def verdict(metrics: dict, split: str = "external") -> list[str]:
             f"{sig} at 0.05)."
         )
     return out
+
+
+def console_summary(metrics: dict) -> list[str]:
+    """A few lines for a terminal: each test split's rows (models, then reference rows) with
+    AUROC, worst stratum and gate, the reference rows' status, and whether any pretrained
+    encoder passes the gate (and, if none does, why the numbers cannot tell)."""
+    refs = reference_names(metrics)
+    L = []
+    for split in ordered_splits({r["split"] for r in metrics["runs"]}):
+        what = "internal test" if split == INTERNAL_TEST else split
+        L.append(f"{what} (AUROC [DeLong 95% CI]; worst stratum; gate):")
+        rows = headline_runs(metrics, split)
+        rows = [r for r in rows if r["model"] not in refs] + [r for r in rows if r["model"] in refs]
+        for r in rows:
+            name = r["model"] + (" (ref)" if r["model"] in refs else "")
+            L.append(f"  {name:22s} {r['head']:8s} {r['label_fraction']:>4.0%}  "
+                     f"{fmt_ci(r['overall'], 'auroc')}  worst {fmt_worst(r)}  "
+                     f"{r.get('gate', 'n/a')}")  # fmt: skip
+    for r in metrics.get("reference_rows", []):
+        if r["status"] != "ok":
+            L.append(f"reference row {r['name']} skipped: {r['reason']}")
+    models = (metrics.get("gate") or {}).get("models") or {}
+    encoders = [m for m in models if m not in refs]
+    passed = [m for m in encoders if models[m]["status"] == "informative"]
+    if passed:
+        L.append(
+            "gate: informative (internal test AUROC interval above 0.5): "
+            + ", ".join(f"{m} ({', '.join(models[m]['informative_rows'])})" for m in passed)
+        )
+    if set(encoders) - set(passed):
+        L.append("gate: NOT informative, not compared: "
+                 + ", ".join(m for m in encoders if m not in passed))  # fmt: skip
+    if encoders and not passed:
+        ok = [m for m in ("oracle", "thumbnail") if models.get(m, {}).get("status") ==
+              "informative"]  # fmt: skip
+        why = (f"the finding is learnable ({' and '.join(ok)} pass the gate), so the encoders "
+               "did not learn it: more pretraining steps or data are needed"
+               if ok else "the reference rows do not pass either: the internal test split is "
+               "too small to tell anything from chance")  # fmt: skip
+        L.append(f"no pretrained encoder passes the gate: {why}.")
+    return L
 
 
 def subgroup_table(run: dict) -> list[str]:
@@ -363,20 +644,40 @@ def render_report(metrics: dict, context: dict, figures: dict) -> str:
             else ("objectives " + ", ".join(m["objectives"]))
         )
         L.append(f"- **{m['name']}**: {what} (`{m['workdir']}`)")
-    splits = [s for s in ("external", "test") if any(r["split"] == s for r in metrics["runs"])]
-    splits += sorted({r["split"] for r in metrics["runs"]} - set(splits))
+    splits = ordered_splits(r["split"] for r in metrics["runs"])
+    L += [""] + reference_block(metrics)
+    g = gate_block(metrics)
+    if g:
+        L += [""] + g
+    strata_fields = (context.get("strata") or {}).get("fields") or []
+    L += ["", "Tables: one per test split. Worst stratum: the lowest AUROC within one protocol "
+          f"stratum ({', '.join(strata_fields) or 'none'}) with 2+ positives and negatives (k/m: "
+          "k of the m strata had that many): a model that leans on the protocol loses most there. "
+          "Gate: the row's internal test AUROC interval must lie above 0.5. Intervals: AUROC by "
+          "DeLong; ECE, Brier by patient-level bootstrap. 'AUROC over seeds': mean ± sd over "
+          "label-subset seeds. Small test sets give wide intervals: read them before the point "
+          "estimates."]  # fmt: skip
     for split in splits:
         L += ["", f"## Results: {split} split", ""]
         if split == "external":
-            L += ["Whole held-out site(s): never seen in pretraining or probing.", ""]
+            L += ["Whole held-out site(s), pooled: never seen in pretraining or probing.", ""]
+        elif is_external(split):
+            L += [f"Held-out site {split.partition(':')[2]}: never seen in pretraining or "
+                  "probing.", ""]  # fmt: skip
+        elif split == INTERNAL_TEST:
+            L += ["Internal test: held-out patients of the training sites (the gate's split).",
+                  ""]  # fmt: skip
         L += results_table(metrics, split)
+        st = strata_table(metrics, split)
+        if st:
+            L += ["", "Within each protocol stratum:", "", *st]
         v = verdict(metrics, split)
         if v:
             L += ["", f"Against the reference ({split}):", "", *v]
-    L += ["", "Intervals: AUROC by DeLong; ECE, Brier by patient-level bootstrap. "
-          "'AUROC over seeds' is the mean ± sd over label-subset seeds (at 100% labels the subset "
-          "does not depend on the seed). Small test sets give wide intervals: read them before "
-          "the point estimates.", ""]  # fmt: skip
+    d = diagnostics_table(metrics)
+    if d:
+        L += [""] + d
+    L += [""]
     b = context["protocol_border"]
     L += ["## Protocol-border cases", "",
           f"Definition: {b['definition']}. {b['border_items']} test items are border "
@@ -384,8 +685,11 @@ def render_report(metrics: dict, context: dict, figures: dict) -> str:
           f"{b['training_protocols']} distinct protocols.", ""]  # fmt: skip
     L += ["| model | head | labels | split | border n | border AUROC | typical n | typical AUROC |",
           "| --- | --- | ---: | --- | ---: | --- | ---: | --- |"]  # fmt: skip
+    refs = reference_names(metrics) - {"random_init"}  # feature rows: no encoder to audit
     for split in splits:
         for r in headline_runs(metrics, split):
+            if r["model"] in refs:
+                continue
             t = r["subgroups"].get("protocol_border", {})
             bo, ty = t.get("border"), t.get("typical")
             L.append(f"| {r['model']} | {r['head']} | {r['label_fraction']:.0%} | {split} | "

@@ -25,7 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
-from pgjax.eval.report import fmt_ci, fmt_p, headline_runs, value
+from pgjax.eval.report import fmt_ci, fmt_p, headline_runs, ordered_splits, value
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,7 +127,7 @@ def table_rows(metrics: dict) -> list[dict]:
     spread = {(a["model"], a["head"], a["label_fraction"], a["split"]): a["auroc"]
               for a in metrics["across_seeds"]}  # fmt: skip
     out = []
-    for split in ("external", "test"):
+    for split in ordered_splits({r["split"] for r in metrics["runs"]}):
         for r in headline_runs(metrics, split):
             o = r["overall"]
             vs = r.get("vs_reference") or {}
@@ -160,7 +160,7 @@ def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation
          "equal-width bins) and Brier with patient-level bootstrap CIs; Δ and p: paired DeLong "
          "against the reference on the same cases (first seed); last column: AUROC mean ± sd "
          "over label-subset seeds.", ""]  # fmt: skip
-    for split in ("external", "test"):
+    for split in dict.fromkeys(r["split"] for r in rows):
         sel = [r for r in rows if r["split"] == split]
         if not sel:
             continue

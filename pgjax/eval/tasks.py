@@ -32,6 +32,12 @@ class TaskSpec:
     test_splits: tuple[str, ...] = ("test", "external")
     label_fractions: tuple[float, ...] = (0.01, 0.1, 0.2, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
+    # Each external site its own test split, "external:<site>" (the pooled "external" is then
+    # not reported): sites of different shift types must not be averaged into one number.
+    external_by_site: bool = False
+    # Protocol fields (store tokens) whose values define the strata of the within-stratum AUROC
+    # and of the representation diagnostics.
+    strata: tuple[str, ...] = ("ViewPosition",)
 
     def __post_init__(self):
         problems = []
@@ -44,6 +50,9 @@ class TaskSpec:
             problems.append(f"label fractions must be in (0, 1]: {list(self.label_fractions)}")
         if not self.seeds:
             problems.append("at least one seed is needed")
+        bad = [f for f in self.strata if not isinstance(f, str) or not f]
+        if bad:
+            problems.append(f"strata must be protocol field names, not {list(self.strata)}")
         if problems:
             raise ValueError(f"task {self.name}: " + "; ".join(problems))
 
@@ -57,7 +66,7 @@ def task_from_config(tasks_config, name: str) -> TaskSpec:
     unknown = sorted(set(t) - fields)
     if unknown:
         raise KeyError(f"task {name}: unknown keys {unknown}; known {sorted(fields - {'name'})}")
-    for key in ("train_splits", "val_splits", "test_splits", "seeds"):
+    for key in ("train_splits", "val_splits", "test_splits", "seeds", "strata"):
         if key in t:
             t[key] = tuple(t[key])
     if "label_fractions" in t:
@@ -78,12 +87,18 @@ class TaskItems:
     columns: dict[str, np.ndarray]  # site, vendor, modality, patient_key, study_key, split...
     labels: np.ndarray  # int8 0/1
     join: dict  # counts of the label join (no identifiers)
+    # The finding's true latent (float, NaN where unknown), or None with the reason.
+    scores: np.ndarray | None = None
+    scores_reason: str = ""
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def where(self, splits) -> np.ndarray:
-        return np.flatnonzero(np.isin(self.columns["split"], list(splits)))
+        """Items of these splits; "external" also names each per-site "external:<site>"."""
+        split = self.columns["split"]
+        base = np.array([s.partition(":")[0] for s in split], dtype=object)
+        return np.flatnonzero(np.isin(split, list(splits)) | np.isin(base, list(splits)))
 
 
 def read_label_file(path: str | Path, task: str, salt: bytes) -> tuple[dict[str, int], dict]:
@@ -92,17 +107,29 @@ def read_label_file(path: str | Path, task: str, salt: bytes) -> tuple[dict[str,
     A row with a label other than 0/1 is an error naming the line (a silent skip would change
     the prevalence).
     """
+    labels, _, counts = read_label_file_with_scores(path, task, salt)
+    return labels, counts
+
+
+def read_label_file_with_scores(
+    path: str | Path, task: str, salt: bytes
+) -> tuple[dict[str, int], dict[str, float] | None, dict]:
+    """As read_label_file, plus {salted study key: score} from the optional `score` column
+    (None when the file has none). A score that is not a number is an error naming the line."""
     from pgjax.data.deid import hash_key
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such labels file")
     out: dict[str, int] = {}
+    scores: dict[str, float] | None = None
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         missing = {"study_uid", "task", "label"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: labels file lacks columns {sorted(missing)}")
+        if "score" in (reader.fieldnames or ()):
+            scores = {}
         for line, row in enumerate(reader, start=2):
             if (row["task"] or "").strip() != task:
                 continue
@@ -112,8 +139,25 @@ def read_label_file(path: str | Path, task: str, salt: bytes) -> tuple[dict[str,
             uid = (row["study_uid"] or "").strip()
             if not uid:
                 raise ValueError(f"{path}:{line}: empty study_uid")
-            out[hash_key(salt, "study", uid)] = int(label)
-    return out, {"label_rows": len(out)}
+            key = hash_key(salt, "study", uid)
+            out[key] = int(label)
+            if scores is not None:
+                scores[key] = _score(row["score"], f"{path}:{line}")
+    return out, scores, {"label_rows": len(out)}
+
+
+def _score(text: str | None, where: str) -> float:
+    """A latent score; empty means unknown (NaN)."""
+    text = (text or "").strip()
+    if not text:
+        return math.nan
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"{where}: score must be a number, not {text!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{where}: score must be finite, not {text!r}")
+    return v
 
 
 def load_items(
@@ -140,17 +184,30 @@ def load_items(
                 "--salt-file)"
             )
         salt = load_or_create_salt(salt_path, forbidden_root=store)
-        by_study, counts = read_label_file(labels, task.label, salt)
+        by_study, score_of, counts = read_label_file_with_scores(labels, task.label, salt)
         join.update(counts, source="labels file joined by salted study key")
         has = np.array([k in by_study for k in study])
         y = np.array([by_study.get(k, -1) for k in study], dtype=np.int64)
         join["label_studies_not_in_store"] = len(set(by_study) - set(study[ok]))
+        if score_of is None:
+            scores, scores_reason = None, f"{Path(labels).name} has no score column"
+        else:
+            scores = np.array([score_of.get(k, math.nan) for k in study], dtype=np.float64)
+            scores_reason = ""
     else:
         has = (table["task"].astype(str) == task.label) & np.isin(
             table["label"].astype(str), ["0", "1"]
         )
         y = np.where(has, table["label"].astype(str) == "1", -1).astype(np.int64)
         join["source"] = "store table (labels joined by preprocess)"
+        if "score" in table:
+            # Only this task's rows: another task's scores are none of its business.
+            scores = np.array([_score(v, f"{store}/{task.group}/table.csv score") if h else math.nan
+                               for v, h in zip(table["score"], has, strict=True)],
+                              dtype=np.float64)  # fmt: skip
+            scores_reason = ""
+        else:
+            scores, scores_reason = None, "the store's table has no score column"
     keep = ok & has
     join["items"] = int(keep.sum())
     join["studies"] = int(len(set(study[keep])))
@@ -160,8 +217,17 @@ def load_items(
             + ("" if labels else " (give --labels, or preprocess with --labels)")
         )
     columns = {k: v[keep] for k, v in table.items()}
+    if task.external_by_site:
+        split = columns["split"].astype(object)
+        ext = split == "external"
+        split[ext] = ["external:" + s for s in columns["site"][ext]]
+        columns["split"] = split.astype(str)
+    if scores is not None:
+        scores = scores[keep]
+        if np.isnan(scores).all():
+            scores, scores_reason = None, "no labelled item has a score"
     return TaskItems(task, table["row"][keep].astype(np.int64), columns, y[keep].astype(np.int8),
-                     join)  # fmt: skip
+                     join, scores, scores_reason)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
