@@ -248,10 +248,11 @@ class RowData:
 
 def row_instances(p: dict) -> dict[str, list[tuple[int | None, str]]]:
     """{row: [(pretraining seed, model name), ...]} for the models in predictions columns."""
+    names, first = np.unique(np.asarray(p["model"]).astype(str), return_index=True)
     rows: dict[str, dict] = {}
-    for model in dict.fromkeys(str(m) for m in p["model"]):
-        row, k = split_model_name(model)
-        rows.setdefault(row, {})[k] = model
+    for model in names[np.argsort(first)]:  # in order of first appearance
+        row, k = split_model_name(str(model))
+        rows.setdefault(row, {})[k] = str(model)
     out = {}
     for row, by_seed in rows.items():
         if None in by_seed and len(by_seed) > 1:

@@ -223,20 +223,20 @@ def split_order(splits) -> list[str]:
     return sorted(set(splits), key=lambda s: (rank.get(s, 2), s))
 
 
-def _gate(data, head: str, fraction: float, p: dict) -> list[str]:
-    """Instances of a row whose internal `test` AUROC 95% DeLong interval (first label seed)
-    contains 0.5: not informative, whatever their other splits say."""
+def _gate(models, test: dict) -> list[str]:
+    """The models whose internal `test` AUROC 95% DeLong interval (first label seed) contains
+    0.5: not informative, whatever their other splits say. `test`: predictions columns of the
+    test split, one head and label fraction."""
     from pgjax.eval import metrics as M
 
     out = []
-    for model in data:
-        sel = ((p["model"] == model) & (p["head"] == head) & (p["split"] == "test")
-               & (p["label_fraction"] == fraction))  # fmt: skip
+    for model in models:
+        sel = test["model"] == model
         if not sel.any():
             continue
-        first = sel & (p["seed"] == p["seed"][sel].min())
+        first = sel & (test["seed"] == test["seed"][sel].min())
         try:
-            ci = M.delong_ci(p["label"][first], p["prob"][first])
+            ci = M.delong_ci(test["label"][first], test["prob"][first])
         except ValueError:  # one class in the test split: no interval, so no evidence either
             out.append(model)
             continue
@@ -274,33 +274,42 @@ def compare_sweep(p: dict, rows_info: dict, failed=(), *, n_boot: int = 1000,
                          "image_encoder": None, "config": None})  # fmt: skip
     keys = sorted({(str(h), float(f)) for h, f in zip(p["head"], p["label_fraction"],
                                                        strict=True)})  # fmt: skip
+    gates = {}
+    for head, fraction in keys:
+        here = (p["split"] == "test") & (p["head"] == head) & (p["label_fraction"] == fraction)
+        test = {k: v[here] for k, v in p.items()}
+        gates[head, fraction] = {row: _gate([m for _, m in inst], test)
+                                 for row, inst in instances.items()}  # fmt: skip
     results = []
     for split in split_order(p["split"].tolist()):
         for head, fraction in keys:
-            datas, gates = {}, {}
+            # One selection per (split, head, fraction): the lookups below then scan its rows
+            # only (a benchmark's predictions.csv holds millions).
+            here = (p["split"] == split) & (p["head"] == head) & (p["label_fraction"] == fraction)
+            sub = {k: v[here] for k, v in p.items()}
+            datas, gate = {}, gates[head, fraction]
             for row in instances:
                 try:
-                    datas[row] = gather_row(p, row, split=split, head=head,
+                    datas[row] = gather_row(sub, row, split=split, head=head,
                                             label_fraction=fraction, source=source)  # fmt: skip
                 except ValueError as e:
                     if "no predictions" not in str(e):
                         raise
                     continue  # no run of this row here (e.g. an image-only head mismatch)
-                gates[row] = _gate(datas[row].models, head, fraction, p)
             for row, data in datas.items():
                 out = {"row": row, "head": head, "label_fraction": fraction, "split": split,
-                       **row_summary(data), "not_informative": gates[row],
+                       **row_summary(data), "not_informative": gate[row],
                        "reference": None, "comparison": None, "not_compared": None}  # fmt: skip
                 info = rows_info.get(row)
                 if info is not None:
                     ref = info["reference"]
                     out["reference"] = ref
                     if row != ref:
-                        out["not_compared"] = _why_not(row, ref, datas, gates, rows_info)
+                        out["not_compared"] = _why_not(row, ref, datas, gate, rows_info)
                     if row != ref and out["not_compared"] is None:
                         try:
                             out["comparison"] = compare_rows(
-                                p, row, ref, split=split, head=head, label_fraction=fraction,
+                                sub, row, ref, split=split, head=head, label_fraction=fraction,
                                 n_boot=n_boot, alpha=alpha, source=source,
                             )  # fmt: skip
                         except ValueError as e:  # e.g. a split with one class: say why
