@@ -3,9 +3,11 @@ simulated encoders, exact null behaviour, the predictions.csv path and its error
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
-from scipy.stats import norm
 
 from pgjax.eval import metrics as M
 from pgjax.eval.hierarchical import (
@@ -17,28 +19,14 @@ from pgjax.eval.hierarchical import (
     split_model_name,
 )
 
-# Simulated encoders: score = (signal + seed effect) * label + case effect + noise. The seed
-# effect u ~ N(0, TAU) moves a trained instance's separation (an additive shift would not move
-# AUROC); the case effect is shared by every encoder (hard cases are hard for all), the noise
-# is per instance and case.
-MU_A, MU_B, CASE_SD, NOISE_SD = 1.0, 0.8, 0.6, 0.8
-
-
-def expected_auroc(mu: float, tau: float) -> float:
-    """E over seeds of the population AUROC: P((mu + u) + N(0, 2 s^2) > 0) = Phi(mu / sqrt(2 s^2
-    + tau^2)), s^2 = CASE_SD^2 + NOISE_SD^2."""
-    return float(norm.cdf(mu / np.sqrt(2 * (CASE_SD**2 + NOISE_SD**2) + tau**2)))
-
-
-def simulate(rng, n: int, seeds: int, tau: float, prevalence: float = 0.4):
-    y = (rng.random(n) < prevalence).astype(np.int64)
-    case = rng.normal(0.0, CASE_SD, n)
-
-    def instance(mu):
-        s = (mu + rng.normal(0.0, tau)) * y + case + rng.normal(0.0, NOISE_SD, n)
-        return (1.0 / (1.0 + np.exp(-s)))[None]  # one label-subset seed
-
-    return y, [instance(MU_A) for _ in range(seeds)], [instance(MU_B) for _ in range(seeds)]
+# Simulated encoders (the model and its exact truth: tools/bootstrap_coverage.py).
+_spec = importlib.util.spec_from_file_location(
+    "bootstrap_coverage", Path(__file__).resolve().parents[1] / "tools" / "bootstrap_coverage.py"
+)
+sim = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sim)
+MU_A, MU_B, CASE_SD, NOISE_SD = sim.MU_A, sim.MU_B, sim.CASE_SD, sim.NOISE_SD
+expected_auroc, simulate = sim.expected_auroc, sim.simulate
 
 
 def test_the_expected_auroc_formula_matches_a_huge_simulation():
@@ -61,19 +49,10 @@ def test_interval_covers_the_true_difference_and_one_seed_delong_does_not():
     """200 simulated ablations with a large seed effect: the hierarchical 95% interval covers
     the true difference of expected AUROC about 95% of the time; a paired DeLong interval on
     one seed of each row (the encoder treated as fixed) covers it far less often."""
-    tau, seeds, n, runs = 0.5, 8, 150, 200
-    truth = expected_auroc(MU_A, tau) - expected_auroc(MU_B, tau)
-    rng = np.random.default_rng(0)
-    hier = delong = 0
-    for r in range(runs):
-        y, a, b = simulate(rng, n, seeds, tau)
-        d = hierarchical_bootstrap(y, np.arange(n), a, b, metrics=("auroc",), n_boot=200,
-                                   seed=r)["auroc"]  # fmt: skip
-        hier += d.lo <= truth <= d.hi
-        one = M.delong_paired(y, a[0][0], b[0][0])
-        delong += one.lo <= truth <= one.hi
-    assert 0.89 <= hier / runs <= 0.99, hier / runs
-    assert delong / runs < 0.75, delong / runs
+    runs = 200
+    hier, delong = sim.coverage(8, 0.5, runs=runs, n=150, n_boot=200, seed=0)
+    assert 0.89 <= hier <= 0.99, hier
+    assert delong < 0.75, delong
 
 
 def test_identical_rows_differ_by_zero_with_p_one():
