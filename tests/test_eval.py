@@ -525,3 +525,35 @@ def test_sweep_over_pretraining_seeds_resumes_and_reports_a_failed_instance(stor
     comparison = json.loads((tmp_path / "comparison.json").read_text())
     simclr = [r for r in comparison["results"] if r["row"] == "simclr"]
     assert simclr and all(r["models"] == ["simclr@0"] for r in simclr)
+
+
+def test_single_seed_table_gives_no_difference_across_image_encoders(tmp_path):
+    import ml_collections
+
+    from pgjax.eval.sweep import table_rows, write_table
+
+    def run(model, split, diff):
+        auc = {"value": 0.7, "lo": 0.6, "hi": 0.8}
+        vs = None if diff is None else {"diff": diff, "p_value": 0.03}
+        return {"model": model, "head": "linear", "label_fraction": 1.0, "seed": 0,
+                "split": split, "overall": {"n": 40, "n_pos": 10, "auroc": auc},
+                "vs_reference": vs}  # fmt: skip
+
+    models = (("pg", None), ("simclr", -0.05), ("ce_dcm", 0.1))
+    metrics = {"task": "cardiomegaly", "reference": "pg", "across_seeds": [],
+               "runs": [run(m, s, d) for s in ("test", "external:site_x", "external")
+                        for m, d in models]}  # fmt: skip
+    other = {"ce_dcm": "resnet_mu (width 16) vs vit_mu/8 (width 64)"}
+    rows = table_rows(metrics, other)
+    assert [r["split"] for r in rows][::3] == ["external", "external:site_x", "test"]
+    by = {(r["model"], r["split"]): r for r in rows}
+    assert by[("simclr", "external:site_x")]["diff_vs_reference"] == -0.05
+    assert by[("ce_dcm", "external:site_x")]["diff_vs_reference"] is None
+    write_table(tmp_path, rows, metrics, [], ml_collections.ConfigDict({"steps": 2}), other)
+    md = (tmp_path / "table.md").read_text()
+    assert "## external:site_x split" in md
+    assert "| ce_dcm | linear | 100% | 40 (10) | 0.700 [0.600, 0.800] | n/a | n/a | " \
+        "not compared* |  |" in md  # fmt: skip
+    assert "ce_dcm: resnet_mu (width 16) vs vit_mu/8 (width 64)" in md
+    assert "| simclr | linear | 100% | 40 (10) | 0.700 [0.600, 0.800] | n/a | n/a | -0.050 | " \
+        "0.030 |" in md  # fmt: skip

@@ -202,8 +202,14 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
                       steps=int(ablation.steps))  # fmt: skip
     (workdir / "comparison.json").write_text(json.dumps(comparison, indent=1) + "\n")
     if seeds == (0,):
-        rows = table_rows(metrics)
-        write_table(workdir, rows, metrics, failed, ablation)
+        # The single-seed table's Δ is the evaluation's paired DeLong against the reference: not
+        # shown for rows of another image encoder than the reference (comparison.json says why).
+        ref_arch = rows_info[ref_row]["image_encoder"]
+        other = {name: f"{info['image_encoder']['label']} vs {ref_arch['label']}"
+                 for name, info in rows_info.items()
+                 if info["image_encoder"]["key"] != ref_arch["key"]}  # fmt: skip
+        rows = table_rows(metrics, other)
+        write_table(workdir, rows, metrics, failed, ablation, other)
     else:
         rows = comparison["results"]
         write_seed_table(workdir, comparison, ablation)
@@ -353,7 +359,7 @@ def _table_splits(metrics: dict) -> list[str]:
     return [s for s in order if s != "test"] + [s for s in order if s == "test"]
 
 
-def table_rows(metrics: dict) -> list[dict]:
+def table_rows(metrics: dict, not_comparable: dict | None = None) -> list[dict]:
     """One row per (model, head, fraction) on each split (first seed), plus the seed spread."""
     spread = {(a["model"], a["head"], a["label_fraction"], a["split"]): a["auroc"]
               for a in metrics["across_seeds"]}  # fmt: skip
@@ -370,8 +376,9 @@ def table_rows(metrics: dict) -> list[dict]:
                 row[m], row[f"{m}_lo"], row[f"{m}_hi"] = d.get("value"), d.get("lo"), d.get("hi")
             row["ece_quantile"] = value(o, "ece_quantile")
             row["fpr_at_sensitivity"] = value(o, "fpr_at_sensitivity")
-            row["diff_vs_reference"] = vs.get("diff")
-            row["p_value_vs_reference"] = vs.get("p_value")
+            comparable = r["model"] not in (not_comparable or {})
+            row["diff_vs_reference"] = vs.get("diff") if comparable else None
+            row["p_value_vs_reference"] = vs.get("p_value") if comparable else None
             row["auroc_seed_mean"], row["auroc_seed_sd"] = sd.get("mean"), sd.get("sd")
             row["n_seeds"] = sd.get("n")
             row["_run"] = r
@@ -379,7 +386,9 @@ def table_rows(metrics: dict) -> list[dict]:
     return out
 
 
-def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation) -> None:
+def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation,
+                not_comparable: dict | None = None) -> None:  # fmt: skip
+    not_comparable = not_comparable or {}
     with (workdir / "table.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
@@ -404,9 +413,15 @@ def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation
             diff = (
                 "ref"
                 if r["model"] == metrics["reference"]
+                else "not compared*"
+                if r["model"] in not_comparable
                 else ("n/a" if r["diff_vs_reference"] is None else f"{r['diff_vs_reference']:+.3f}")
             )
-            p = "" if r["model"] == metrics["reference"] else fmt_p(r["p_value_vs_reference"])
+            p = (
+                ""
+                if r["model"] == metrics["reference"] or r["model"] in not_comparable
+                else fmt_p(r["p_value_vs_reference"])
+            )
             seeds = (
                 ""
                 if r["auroc_seed_mean"] is None or (r["n_seeds"] or 0) < 2
@@ -416,6 +431,10 @@ def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation
                      f"({r['n_pos']}) | {fmt_ci(run, 'auroc')} | {fmt_ci(run, 'ece_uniform')} | "
                      f"{fmt_ci(run, 'brier')} | {diff} | {p} | {seeds} |")  # fmt: skip
         L.append("")
+    if not_comparable:
+        L += ["\\* Not compared with the reference: another image encoder ("
+              + "; ".join(f"{k}: {v}" for k, v in not_comparable.items())
+              + "). Compare within an architecture.", ""]  # fmt: skip
     if failed:
         L += ["Rows not in the table (failed or not trained):", ""]
         L += [f"- {name}: {reason}" for name, reason in failed]
