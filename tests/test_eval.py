@@ -472,6 +472,16 @@ def test_pretrain_seeds_are_checked_and_failed_instances_are_listed(tmp_path):
     assert names == ["pg@0", "pg@1", "bad@0", "bad@1"]
     assert "not trained to 3 steps (--eval-only)" in dict(failed)["pg@1"]
     assert (tmp_path / "bad" / "seed1.error.txt").exists()
+    from pgjax.eval.sweep import check_references
+
+    a.reference = "pg"
+    check_references(a)
+    a.rows = (*rows, {"name": "resnet", "config": "configs/simclr.py:tiny", "reference": "pgg"})
+    with pytest.raises(ValueError, match=r"ablation field rows\[2\].reference: 'pgg' is not a"):
+        check_references(a)
+    a.reference = "nope"
+    with pytest.raises(ValueError, match="ablation field reference: 'nope'"):
+        check_references(a)
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ about the recipes, not about one trained encoder of each: a paired DeLong test o
 treats the encoder as fixed and leaves out the seed-to-seed spread, which for small pretrained
 models is often larger than the case-sampling error. Here both sources are resampled:
 
-1. pretraining seeds, with replacement (see `_seed_counts` for paired or independent draws);
+1. pretraining seeds, with replacement (`_seed_counts`: paired or independent draws; their
+   spread widened for the few-seed shrinkage, `_drawn_mean`);
 2. patients (clusters: the `patient_key` column), with replacement, one draw shared by every
    instance of both rows, so the comparison stays paired on cases.
 

@@ -142,6 +142,17 @@ def image_encoder_of(config) -> dict:
     return {"key": key, "label": name if width is None else f"{name} (width {width})"}
 
 
+def check_references(ablation) -> None:
+    """The ablation's `reference` and every row's own `reference` name a row of the list."""
+    names = [r["name"] for r in ablation.rows]
+    wanted = [("reference", ablation.reference)]
+    wanted += [(f"rows[{i}].reference", r["reference"])
+               for i, r in enumerate(ablation.rows) if "reference" in r]  # fmt: skip
+    for field, ref in wanted:
+        if ref not in names:
+            raise ValueError(f"ablation field {field}: {ref!r} is not a row name ({names})")
+
+
 def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels=None,
               salt_file=None, log=print, eval_only: bool = False) -> dict:  # fmt: skip
     import dataclasses
@@ -154,6 +165,7 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seeds = pretrain_seeds(ablation)
+    check_references(ablation)
     trained, failed = pretrain_rows(ablation, store, workdir, log, eval_only=eval_only)
     if not trained:
         raise RuntimeError(f"every row of the sweep failed: {failed}")
@@ -196,8 +208,10 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
     from pgjax.eval.report import read_predictions
 
     predictions = read_predictions(workdir / "eval" / "predictions.csv")
+    # Named relative to the workdir: reasons land in comparison.json, and a path can name a
+    # person or a site.
     comparison = compare_sweep(predictions, rows_info, failed, n_boot=settings.n_boot,
-                               source=str(workdir / "eval" / "predictions.csv"))  # fmt: skip
+                               source="eval/predictions.csv")  # fmt: skip
     comparison.update(task=metrics["task"], pretrain_seeds=list(seeds),
                       steps=int(ablation.steps))  # fmt: skip
     (workdir / "comparison.json").write_text(json.dumps(comparison, indent=1) + "\n")
