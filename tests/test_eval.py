@@ -567,3 +567,15 @@ def test_single_seed_table_gives_no_difference_across_image_encoders(tmp_path):
     assert "ce_dcm: resnet_mu (width 16) vs vit_mu/8 (width 64)" in md
     assert "| simclr | linear | 100% | 40 (10) | 0.700 [0.600, 0.800] | n/a | n/a | -0.050 | " \
         "0.030 |" in md  # fmt: skip
+
+
+def test_sweep_command_rejects_bad_pretrain_seeds_clearly(tmp_path, capsys):
+    from pgjax.cli import main
+
+    demo = str(REPO / "configs" / "ablations" / "demo.py")
+    code = main(["sweep", demo, "--store", str(tmp_path / "store"), "--workdir",
+                 str(tmp_path / "w"), "--set", "pretrain_seeds=1,1"])  # fmt: skip
+    assert code == 2
+    assert "ablation field pretrain_seeds: expected distinct non-negative integers" in (
+        capsys.readouterr().err
+    )
