@@ -637,3 +637,221 @@ def test_sweep_writes_one_table_with_reference_comparisons(store, tmp_path):
                for r in table)  # fmt: skip
     assert "| pg | linear | 100% |" in (tmp_path / "table.md").read_text()
     assert result["failed"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps over pretraining seeds (fast: no training; the slow test below trains)
+
+
+def _fake_predictions(rng, models: dict, n: int = 60):
+    """read_predictions-style columns for `models` {name: signal strength or None (noise)} on
+    a `test`, a pooled `external` and an `external:site_x` split, one head, 20% labels with
+    two label seeds."""
+    cols = {k: [] for k in ("model", "head", "label_fraction", "seed", "split", "item_id",
+                            "patient_key", "label", "prob")}  # fmt: skip
+    y = (np.arange(n) % 3 == 0).astype(int)
+    for split in ("test", "external", "external:site_x"):
+        for model, strength in models.items():
+            for ls in (0, 1):
+                s = rng.normal(size=n) + (0.0 if strength is None else strength * y)
+                prob = 1 / (1 + np.exp(-s))
+                for i in range(n):
+                    for k, v in (("model", model), ("head", "linear"), ("label_fraction", 0.2),
+                                 ("seed", ls), ("split", split), ("item_id", f"{split}{i:03d}"),
+                                 ("patient_key", f"{split}p{i // 2}"), ("label", y[i]),
+                                 ("prob", prob[i])):  # fmt: skip
+                        cols[k].append(v)
+    p = {k: np.array(v) for k, v in cols.items()}
+    for k, t in (("label", np.int64), ("seed", np.int64), ("label_fraction", np.float64),
+                 ("prob", np.float64)):  # fmt: skip
+        p[k] = p[k].astype(t)
+    return p
+
+
+def test_sweep_comparison_aggregates_seeds_and_refuses_unfair_or_uninformative_rows(tmp_path):
+    import ml_collections
+
+    from pgjax.eval.sweep import compare_sweep, write_seed_table
+
+    rng = np.random.default_rng(0)
+    models = {"pg@0": 2.0, "pg@1": 2.5, "simclr@0": 1.0, "simclr@1": 1.2, "resnet@0": 2.0,
+              "resnet@1": 2.0, "noise@0": None, "noise@1": None, "oracle": 4.0}  # fmt: skip
+    p = _fake_predictions(rng, models)
+    vit = {"key": "vit", "label": "vit_mu/8 (width 64)"}
+    res = {"key": "resnet", "label": "resnet_mu (width 16)"}
+    info = {"pg": {"reference": "pg", "image_encoder": vit, "config": "a"},
+            "simclr": {"reference": "pg", "image_encoder": vit, "config": "b"},
+            "noise": {"reference": "pg", "image_encoder": vit, "config": "c"},
+            "resnet": {"reference": "pg", "image_encoder": res, "config": "d"}}  # fmt: skip
+    failed = [("simclr@2", "RuntimeError: diverged")]
+    comparison = compare_sweep(p, info, failed, n_boot=200)
+    results = {(r["row"], r["split"]): r for r in comparison["results"]}
+    # Every split found in the predictions, every row, one line each.
+    assert {s for _, s in results} == {"test", "external", "external:site_x"}
+    assert len(comparison["results"]) == 5 * 3
+    for split in ("test", "external", "external:site_x"):
+        simclr = results[("simclr", split)]
+        c = simclr["comparison"]["auroc"]
+        assert c["n_seeds_a"] == 2 and c["n_seeds_b"] == 2 and c["paired_seeds"]
+        assert c["diff"] == pytest.approx(simclr["auroc_mean"] - results[("pg", split)]
+                                          ["auroc_mean"], abs=1e-12)  # fmt: skip
+        assert c["lo"] <= c["diff"] <= c["hi"] and 0 < c["p_value"] <= 1
+        assert "ece_uniform" in simclr["comparison"]
+        assert "different image encoder: resnet_mu (width 16) vs vit_mu/8 (width 64)" in (
+            results[("resnet", split)]["not_compared"]
+        )  # fmt: skip
+        assert results[("resnet", split)]["comparison"] is None
+        assert results[("noise", split)]["not_informative"] == ["noise@0", "noise@1"]
+        assert "noise is not informative" in results[("noise", split)]["not_compared"]
+        oracle = results[("oracle", split)]
+        assert oracle["comparison"] is None and oracle["reference"] is None
+        assert oracle["n_instances"] == 1 and oracle["auroc_seed_sd"] is None
+        assert results[("pg", split)]["reference"] == "pg"
+        assert results[("pg", split)]["n_instances"] == 2
+    kinds = {r["row"]: r for r in comparison["rows"]}
+    assert kinds["oracle"]["kind"] == "reference" and kinds["pg"]["kind"] == "sweep"
+    assert kinds["simclr"]["failed"] == [{"model": "simclr@2", "reason": "RuntimeError: diverged"}]
+
+    comparison.update(task="cardiomegaly", pretrain_seeds=[0, 1, 2])
+    write_seed_table(tmp_path, comparison, ml_collections.ConfigDict({"steps": 5}))
+    md = (tmp_path / "table.md").read_text()
+    for text in ("## test split", "## external:site_x split", "| pg | linear | 20% | 60 (20) | 2 |",
+                 "different image encoder", "- simclr@2: RuntimeError: diverged",
+                 "not informative: noise@0 noise@1"):  # fmt: skip
+        assert text in md, text
+    assert md.index("## test split") < md.index("## external split")
+    table = read_csv(tmp_path / "table.csv")
+    assert len(table) == 15
+    row = next(r for r in table if r["row"] == "simclr" and r["split"] == "external")
+    assert float(row["diff_auroc_lo"]) <= float(row["diff_auroc"]) <= float(row["diff_auroc_hi"])
+    assert row["reference"] == "pg" and row["n_instances"] == "2"
+
+
+def test_pretrain_seeds_are_checked_and_failed_instances_are_listed(tmp_path):
+    import ml_collections
+
+    from pgjax.eval.sweep import pretrain_rows, pretrain_seeds
+
+    rows = ({"name": "pg", "config": "configs/pg.py:tiny"},
+            {"name": "bad", "config": "configs/nope.py"})  # fmt: skip
+    a = ml_collections.ConfigDict({"steps": 3, "overrides": (), "pretrain_seeds": (0, 1),
+                                   "rows": rows})  # fmt: skip
+    assert pretrain_seeds(a) == (0, 1)
+    for bad in ((), (0, 0), (-1,), ("x",), (0.5,)):
+        with pytest.raises(ValueError, match="pretrain_seeds"):
+            pretrain_seeds(ml_collections.ConfigDict({"pretrain_seeds": bad}))
+    assert pretrain_seeds(ml_collections.ConfigDict({})) == (0,)
+    log = []
+    done, failed = pretrain_rows(a, "store", tmp_path, log.append, eval_only=True)
+    assert done == []
+    names = [n for n, _ in failed]
+    assert names == ["pg@0", "pg@1", "bad@0", "bad@1"]
+    assert "not trained to 3 steps (--eval-only)" in dict(failed)["pg@1"]
+    assert (tmp_path / "bad" / "seed1.error.txt").exists()
+    from pgjax.eval.sweep import check_references
+
+    a.reference = "pg"
+    check_references(a)
+    a.rows = (*rows, {"name": "resnet", "config": "configs/simclr.py:tiny", "reference": "pgg"})
+    with pytest.raises(ValueError, match=r"ablation field rows\[2\].reference: 'pgg' is not a"):
+        check_references(a)
+    a.reference = "nope"
+    with pytest.raises(ValueError, match="ablation field reference: 'nope'"):
+        check_references(a)
+
+
+@pytest.mark.slow
+def test_sweep_over_pretraining_seeds_resumes_and_reports_a_failed_instance(store, tmp_path):
+    """2 rows x 2 pretraining seeds, 2 steps each: WORKDIR/<row>/seed<k>, models <row>@<k>, the
+    seed reaching the training config; a rerun retrains nothing; an instance whose checkpoint
+    is gone is listed under the table with --eval-only while the others are reported."""
+    from pgjax.commands.eval import load_tasks_config
+    from pgjax.eval.sweep import run_sweep
+    from pgjax.train.config_lib import load_config
+
+    ablation = load_config(REPO / "configs" / "ablations" / "demo.py",
+                           ["steps=2", "seeds=0,", "label_fractions=1.0,",
+                            "pretrain_seeds=0,1"])  # fmt: skip
+    ablation.rows = tuple(r for r in ablation.rows if r["name"] in ("pg", "simclr"))
+    ablation.overrides = ("input.global_batch=8", "checkpoint_every=2")
+    tasks = load_tasks_config(None, ["metrics.n_boot=20", "metrics.subgroup_boot=10"])
+    result = run_sweep(ablation, str(store), tmp_path, tasks)
+    assert result["failed"] == []
+    for row in ("pg", "simclr"):
+        for k in (0, 1):
+            config = json.loads((tmp_path / row / f"seed{k}" / "config.json").read_text())
+            assert config["seed"] == k
+    preds = read_csv(tmp_path / "eval" / "predictions.csv")
+    assert {r["model"] for r in preds} >= {"pg@0", "pg@1", "simclr@0", "simclr@1",
+                                           "random_init@0", "random_init@1"}  # fmt: skip
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert comparison["pretrain_seeds"] == [0, 1]
+    lines = [r for r in comparison["results"] if r["row"] in ("pg", "simclr", "random_init")]
+    splits = {r["split"] for r in preds}
+    assert {(r["row"], r["split"]) for r in lines} == {
+        (row, s) for row in ("pg", "simclr", "random_init") for s in splits
+    }  # fmt: skip
+    for r in lines:
+        assert r["n_instances"] == 2
+        if r["row"] != "pg":
+            # A difference with its interval, or the reason there is none.
+            assert (r["comparison"] is None) == bool(r["not_compared"]), r
+    table = read_csv(tmp_path / "table.csv")
+    assert {r["row"] for r in table} >= {"pg", "simclr", "random_init"}
+    assert "| simclr | linear | 100% |" in (tmp_path / "table.md").read_text()
+
+    log = []
+    shutil.rmtree(tmp_path / "simclr" / "seed1" / "checkpoints")
+    again = run_sweep(ablation, str(store), tmp_path, tasks, eval_only=True, log=log.append)
+    assert sum("already trained" in m for m in log) == 3 and not any("pretraining" in m
+                                                                     for m in log)  # fmt: skip
+    assert [n for n, _ in again["failed"]] == ["simclr@1"]
+    md = (tmp_path / "table.md").read_text()
+    assert "- simclr@1: not trained to 2 steps (--eval-only)" in md
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    simclr = [r for r in comparison["results"] if r["row"] == "simclr"]
+    assert simclr and all(r["models"] == ["simclr@0"] for r in simclr)
+
+
+def test_single_seed_table_gives_no_difference_across_image_encoders(tmp_path):
+    import ml_collections
+
+    from pgjax.eval.sweep import table_rows, write_table
+
+    def run(model, split, diff):
+        auc = {"value": 0.7, "lo": 0.6, "hi": 0.8}
+        vs = None if diff is None else {"diff": diff, "p_value": 0.03}
+        return {"model": model, "head": "linear", "label_fraction": 1.0, "seed": 0,
+                "split": split, "overall": {"n": 40, "n_pos": 10, "auroc": auc},
+                "vs_reference": vs}  # fmt: skip
+
+    models = (("pg", None), ("simclr", -0.05), ("ce_dcm", 0.1))
+    metrics = {"task": "cardiomegaly", "reference": "pg", "across_seeds": [],
+               "runs": [run(m, s, d) for s in ("test", "external:site_x", "external")
+                        for m, d in models]}  # fmt: skip
+    other = {"ce_dcm": "resnet_mu (width 16) vs vit_mu/8 (width 64)"}
+    rows = table_rows(metrics, other)
+    assert [r["split"] for r in rows][::3] == ["external", "external:site_x", "test"]
+    by = {(r["model"], r["split"]): r for r in rows}
+    assert by[("simclr", "external:site_x")]["diff_vs_reference"] == -0.05
+    assert by[("ce_dcm", "external:site_x")]["diff_vs_reference"] is None
+    write_table(tmp_path, rows, metrics, [], ml_collections.ConfigDict({"steps": 2}), other)
+    md = (tmp_path / "table.md").read_text()
+    assert "## external:site_x split" in md
+    assert "| ce_dcm | linear | 100% | 40 (10) | 0.700 [0.600, 0.800] | n/a | n/a | " \
+        "not compared* |  |" in md  # fmt: skip
+    assert "ce_dcm: resnet_mu (width 16) vs vit_mu/8 (width 64)" in md
+    assert "| simclr | linear | 100% | 40 (10) | 0.700 [0.600, 0.800] | n/a | n/a | -0.050 | " \
+        "0.030 |" in md  # fmt: skip
+
+
+def test_sweep_command_rejects_bad_pretrain_seeds_clearly(tmp_path, capsys):
+    from pgjax.cli import main
+
+    demo = str(REPO / "configs" / "ablations" / "demo.py")
+    code = main(["sweep", demo, "--store", str(tmp_path / "store"), "--workdir",
+                 str(tmp_path / "w"), "--set", "pretrain_seeds=1,1"])  # fmt: skip
+    assert code == 2
+    assert "ablation field pretrain_seeds: expected distinct non-negative integers" in (
+        capsys.readouterr().err
+    )

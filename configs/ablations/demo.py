@@ -29,6 +29,9 @@ def get_config(arg: str = ""):
     c.reference = "pg"
     c.random_init = True
     c.steps = 60
+    # One pretraining per row (the layout WORKDIR/<row>); (0, 1, 2) trains each row three times
+    # and compares rows by a bootstrap over seeds x patients (pgjax/eval/sweep.py).
+    c.pretrain_seeds = (0,)
     c.overrides = ()
     c.rows = tuple(dict(name=n, config=cfg, overrides=()) for n, cfg in ROWS)
     return c

@@ -1,7 +1,8 @@
 """`pgjax sweep configs/ablations/NAME.py --store STORE --workdir DIR`: the ablation table.
 
-Pretrains every row of the ablation file (resuming finished or interrupted rows), evaluates all
-of them the same way, and writes DIR/table.md and DIR/table.csv (see pgjax/eval/sweep.py).
+Pretrains every row of the ablation file once per pretraining seed (resuming finished or
+interrupted instances), evaluates all of them the same way, and writes DIR/table.md,
+DIR/table.csv and DIR/comparison.json (see pgjax/eval/sweep.py).
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def run(args) -> int:
         print(f"pgjax sweep: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     print(f"table:  {args.workdir}/table.md (and table.csv)")
+    print(f"comparison: {args.workdir}/comparison.json")
     print(f"report: {args.workdir}/eval/report.md")
     print(
         f"time:   {result['total_seconds']:.0f} s ({result['pretrain_seconds']:.0f} s pretraining)"
     )
+    for name, reason in result["failed"]:
+        print(f"not in the table: {name}: {reason}", file=sys.stderr)
     return 1 if result["failed"] else 0

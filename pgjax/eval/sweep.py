@@ -3,18 +3,32 @@
 An ablation file (configs/ablations/NAME.py) returns a ConfigDict:
 
   task            task name in the tasks config (configs/tasks.py)
-  label_fractions, seeds, heads    evaluation settings (override the task's)
-  reference       the row the others are compared with (paired DeLong on the same cases)
+  label_fractions, seeds, heads    evaluation settings (override the task's; `seeds` are the
+                  label-subset seeds)
+  reference       the row the others are compared with
   random_init     also evaluate a random init of the reference's architecture
   steps           pretraining steps of every row (total_steps)
+  pretrain_seeds  pretraining seeds of every row (default (0,)): the training config's `seed`
   overrides       config overrides applied to every row ("KEY=VALUE" strings)
-  rows            (name, config, overrides) dicts: config is "configs/NAME.py[:VARIANT]"
+  rows            (name, config, overrides) dicts: config is "configs/NAME.py[:VARIANT]"; a row
+                  may name its own `reference` (a ResNet group compared with a ResNet row)
 
-Each row pretrains into WORKDIR/<name> (resuming from its checkpoint; a finished row is not
-retrained); a row whose training fails is reported and the sweep goes on without it. All rows are
-then evaluated in one `evaluate` call into WORKDIR/eval, and WORKDIR/table.md and table.csv hold
-the comparison: external-site AUROC, ECE and Brier with intervals, and the difference to the
-reference with its paired DeLong p-value, per label fraction.
+Each row pretrains once per pretraining seed k into WORKDIR/<name>/seed<k> (with the default
+pretrain_seeds=(0,): WORKDIR/<name>, as before seeds existed), resuming from its checkpoint; a
+finished instance is not retrained, and one whose training fails is reported while the sweep
+goes on without it. The evaluated models are named <name>@<k> (<name> alone with the default
+seeds); `random_init@k` is the reference's architecture with init seed k. All instances are
+evaluated in one `evaluate` call into WORKDIR/eval.
+
+WORKDIR/comparison.json holds, per split found in predictions.csv, head and label fraction,
+each row's mean AUROC over its instances and their spread, and its difference to its reference
+by a hierarchical bootstrap over pretraining seeds x patients (pgjax/eval/hierarchical.py).
+Rows of another image-encoder architecture or width than their reference are not compared (the
+table says so), nor are rows whose every instance fails the gate (internal test AUROC interval
+not above 0.5). Models the evaluation adds itself (reference rows such as `oracle`) are listed
+as single instances without a difference. WORKDIR/table.md and table.csv: with one pretraining
+seed, every run's AUROC, ECE and Brier with intervals and the paired DeLong difference to the
+reference (first label seed); with several, one line per row from comparison.json.
 """
 
 from __future__ import annotations
@@ -25,6 +39,14 @@ import time
 import traceback
 from pathlib import Path
 
+from pgjax.eval.hierarchical import (
+    compare_rows,
+    gather_row,
+    instance_name,
+    row_instances,
+    row_summary,
+    split_model_name,
+)
 from pgjax.eval.report import fmt_ci, fmt_p, headline_runs, ordered_splits, value
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,52 +66,106 @@ def finished_step(workdir: Path) -> int | None:
     return steps[-1] if steps else None
 
 
+def pretrain_seeds(ablation) -> tuple[int, ...]:
+    """The ablation's `pretrain_seeds`, checked: distinct non-negative integers, at least one."""
+    raw = ablation.get("pretrain_seeds", (0,))
+    try:
+        seeds = tuple(int(s) for s in raw)
+        ok = all(float(s) == int(s) for s in raw)
+    except (TypeError, ValueError):
+        seeds, ok = (), False
+    if not ok or not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(
+            f"ablation field pretrain_seeds: expected distinct non-negative integers, got {raw!r}"
+        )
+    return seeds
+
+
+def instance_workdir(workdir: Path, row: str, seed: int, seeds: tuple[int, ...]) -> Path:
+    return workdir / row if seeds == (0,) else workdir / row / f"seed{seed}"
+
+
 def pretrain_rows(
     ablation, store: str, workdir: Path, log=print, *, eval_only: bool = False
 ) -> tuple[list, list]:
-    """Train every row; returns ([(name, workdir)], [(name, reason)] of failed rows). With
-    eval_only, nothing is trained: rows without a finished checkpoint are reported as such."""
+    """Train every row once per pretraining seed; returns ([(model name, workdir)], [(model
+    name, reason)] of failed instances). With eval_only, nothing is trained: instances without
+    a finished checkpoint are reported as such."""
     from pgjax.train.config_lib import load_config
     from pgjax.train.train import train
 
+    seeds = pretrain_seeds(ablation)
     done, failed = [], []
     for row in ablation.rows:
-        name = row["name"]
-        wd = workdir / name
-        overrides = [f"input.store={store}", f"total_steps={int(ablation.steps)}",
-                     *ablation.get("overrides", ()), *row.get("overrides", ())]  # fmt: skip
-        try:
-            config = load_config(resolve_config_path(row["config"]), overrides)
-            if finished_step(wd) == config.total_steps:
-                log(f"[sweep] {name}: already trained ({config.total_steps} steps)")
-            elif eval_only:
-                failed.append((name, f"not trained to {config.total_steps} steps (--eval-only)"))
-                continue
-            else:
-                t0 = time.perf_counter()
-                log(f"[sweep] {name}: pretraining {row['config']} for {config.total_steps} steps")
-                train(config, wd)
-                log(f"[sweep] {name}: {time.perf_counter() - t0:.0f} s")
-            done.append((name, wd))
-        except Exception as e:  # one failed config must not stop the sweep
-            reason = f"{type(e).__name__}: {e}"
-            log(f"[sweep] {name}: FAILED, {reason}")
-            (workdir / f"{name}.error.txt").write_text(traceback.format_exc())
-            failed.append((name, reason))
+        for k in seeds:
+            name = instance_name(row["name"], k, seeds)
+            wd = instance_workdir(workdir, row["name"], k, seeds)
+            overrides = [f"input.store={store}", f"total_steps={int(ablation.steps)}",
+                         *ablation.get("overrides", ()), *row.get("overrides", ())]  # fmt: skip
+            if seeds != (0,):  # (0,) leaves the config's own seed, as before seeds existed
+                overrides.append(f"seed={k}")
+            try:
+                config = load_config(resolve_config_path(row["config"]), overrides)
+                if finished_step(wd) == config.total_steps:
+                    log(f"[sweep] {name}: already trained ({config.total_steps} steps)")
+                elif eval_only:
+                    failed.append((name, f"not trained to {config.total_steps} steps "
+                                         "(--eval-only)"))  # fmt: skip
+                    continue
+                else:
+                    t0 = time.perf_counter()
+                    log(f"[sweep] {name}: pretraining {row['config']} for "
+                        f"{config.total_steps} steps")  # fmt: skip
+                    train(config, wd)
+                    log(f"[sweep] {name}: {time.perf_counter() - t0:.0f} s")
+                done.append((name, wd))
+            except Exception as e:  # one failed instance must not stop the sweep
+                reason = f"{type(e).__name__}: {e}"
+                log(f"[sweep] {name}: FAILED, {reason}")
+                wd.parent.mkdir(parents=True, exist_ok=True)
+                (wd.parent / f"{wd.name}.error.txt").write_text(traceback.format_exc())
+                failed.append((name, reason))
     return done, failed
+
+
+def image_encoder_of(config) -> dict:
+    """{"key": what must match for two rows to be compared, "label": name and width}."""
+    from pgjax.models import build_image_encoder
+
+    name = str(config.model.image_encoder)
+    kw = dict(config.model.get("image_encoder_kw") or {})
+    try:
+        width = getattr(build_image_encoder(name, **kw), "width", None)
+    except Exception:  # an unbuildable name: compare on the name and keywords alone
+        width = None
+    key = json.dumps({"name": name, "width": width, "kw": kw}, sort_keys=True, default=str)
+    return {"key": key, "label": name if width is None else f"{name} (width {width})"}
+
+
+def check_references(ablation) -> None:
+    """The ablation's `reference` and every row's own `reference` name a row of the list."""
+    names = [r["name"] for r in ablation.rows]
+    wanted = [("reference", ablation.reference)]
+    wanted += [(f"rows[{i}].reference", r["reference"])
+               for i, r in enumerate(ablation.rows) if "reference" in r]  # fmt: skip
+    for field, ref in wanted:
+        if ref not in names:
+            raise ValueError(f"ablation field {field}: {ref!r} is not a row name ({names})")
 
 
 def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels=None,
               salt_file=None, log=print, eval_only: bool = False) -> dict:  # fmt: skip
     import dataclasses
 
-    from pgjax.eval.embed import Model
+    from pgjax.eval.embed import Model, load_workdir_config
     from pgjax.eval.evaluate import EvalSettings, evaluate
     from pgjax.eval.tasks import task_from_config
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    seeds = pretrain_seeds(ablation)
+    check_references(ablation)
     trained, failed = pretrain_rows(ablation, store, workdir, log, eval_only=eval_only)
     if not trained:
         raise RuntimeError(f"every row of the sweep failed: {failed}")
@@ -101,19 +177,183 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
     )
     settings = EvalSettings.from_config(tasks_config, tuple(ablation.heads))
     models = [Model(name, wd) for name, wd in trained]
-    reference = ablation.reference if ablation.reference in dict(trained) else trained[0][0]
+    by_row: dict[str, list[Path]] = {}
+    for row in ablation.rows:
+        for k in seeds:
+            wd = dict(trained).get(instance_name(row["name"], k, seeds))
+            if wd is not None:
+                by_row.setdefault(row["name"], []).append(wd)
+    ref_row = ablation.reference if ablation.reference in by_row else next(iter(by_row))
+    reference = next(n for n, wd in trained if wd in by_row[ref_row])
+    rows_info = {}
+    for row in ablation.rows:
+        if row["name"] in by_row:
+            rows_info[row["name"]] = {
+                "reference": row.get("reference", ablation.reference),
+                "image_encoder": image_encoder_of(load_workdir_config(by_row[row["name"]][0])),
+                "config": row["config"],
+            }
     if ablation.get("random_init", True):
-        models.append(Model("random_init", dict(trained)[reference], random_init=True))
+        # Any trained instance of the reference serves: only its config (architecture) is read.
+        for k in seeds:
+            models.append(Model(instance_name("random_init", k, seeds), by_row[ref_row][0],
+                                random_init=True, init_seed=k))  # fmt: skip
+        rows_info["random_init"] = {
+            "reference": ref_row, "config": "(random init)",
+            "image_encoder": rows_info[ref_row]["image_encoder"],
+        }  # fmt: skip
     pretrain_s = time.perf_counter() - started
     metrics = evaluate(models, task, store, workdir / "eval", settings, labels=labels,
                        salt_file=salt_file, reference=reference)  # fmt: skip
-    rows = table_rows(metrics)
-    write_table(workdir, rows, metrics, failed, ablation)
+    from pgjax.eval.report import read_predictions
+
+    predictions = read_predictions(workdir / "eval" / "predictions.csv")
+    # Named relative to the workdir: reasons land in comparison.json, and a path can name a
+    # person or a site.
+    comparison = compare_sweep(predictions, rows_info, failed, n_boot=settings.n_boot,
+                               source="eval/predictions.csv")  # fmt: skip
+    comparison.update(task=metrics["task"], pretrain_seeds=list(seeds),
+                      steps=int(ablation.steps))  # fmt: skip
+    (workdir / "comparison.json").write_text(json.dumps(comparison, indent=1) + "\n")
+    if seeds == (0,):
+        # The single-seed table's Δ is the evaluation's paired DeLong against the reference: not
+        # shown for rows of another image encoder than the reference (comparison.json says why).
+        ref_arch = rows_info[ref_row]["image_encoder"]
+        other = {name: f"{info['image_encoder']['label']} vs {ref_arch['label']}"
+                 for name, info in rows_info.items()
+                 if info["image_encoder"]["key"] != ref_arch["key"]}  # fmt: skip
+        rows = table_rows(metrics, other)
+        write_table(workdir, rows, metrics, failed, ablation, other)
+    else:
+        rows = comparison["results"]
+        write_seed_table(workdir, comparison, ablation)
     summary = {"pretrain_seconds": round(pretrain_s, 1),
                "total_seconds": round(time.perf_counter() - started, 1),
                "failed": failed, "rows": len(rows)}  # fmt: skip
     (workdir / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return {"metrics": metrics, "table": rows, **summary}
+    return {"metrics": metrics, "table": rows, "comparison": comparison, **summary}
+
+
+# ------------------------------------------------------------------- multi-seed comparison
+
+
+def _gate(models, test: dict) -> list[str]:
+    """The models that fail the gate (pgjax.eval.report.GATE_RULE, the rule metrics.json
+    applies): their internal `test` AUROC 95% DeLong interval (first label seed) does not lie
+    above 0.5, so they are not informative whatever their other splits say. `test`:
+    predictions columns of the test split, one head and label fraction."""
+    from pgjax.eval import metrics as M
+
+    out = []
+    for model in models:
+        sel = test["model"] == model
+        if not sel.any():
+            continue
+        first = sel & (test["seed"] == test["seed"][sel].min())
+        try:
+            ci = M.delong_ci(test["label"][first], test["prob"][first])
+        except ValueError:  # one class in the test split: no interval, so no evidence either
+            out.append(model)
+            continue
+        if not ci.lo > 0.5:
+            out.append(model)
+    return out
+
+
+def compare_sweep(p: dict, rows_info: dict, failed=(), *, n_boot: int = 1000,
+                  alpha: float = 0.05, source: str = "predictions") -> dict:  # fmt: skip
+    """Per split x head x label fraction: each row's instances summarised, and each sweep row's
+    difference to its reference (hierarchical bootstrap). rows_info: {row: {"reference",
+    "image_encoder": {"key", "label"}, "config"}} for the sweep's own rows; any other model in
+    the predictions is a reference row (one instance, no difference)."""
+    instances = row_instances(p)
+    failed_by_row: dict[str, list] = {}
+    for name, reason in failed:
+        failed_by_row.setdefault(split_model_name(name)[0], []).append(
+            {"model": name, "reason": reason}
+        )
+    rows = []
+    for row, inst in instances.items():
+        info = rows_info.get(row)
+        rows.append({
+            "row": row, "kind": "sweep" if info else "reference",
+            "models": [m for _, m in inst], "failed": failed_by_row.get(row, []),
+            "reference": info["reference"] if info else None,
+            "image_encoder": info["image_encoder"]["label"] if info else None,
+            "config": info["config"] if info else None,
+        })  # fmt: skip
+    for row in failed_by_row:
+        if row not in instances:
+            rows.append({"row": row, "kind": "sweep", "models": [],
+                         "failed": failed_by_row[row], "reference": None,
+                         "image_encoder": None, "config": None})  # fmt: skip
+    keys = sorted({(str(h), float(f)) for h, f in zip(p["head"], p["label_fraction"],
+                                                       strict=True)})  # fmt: skip
+    gates = {}
+    for head, fraction in keys:
+        here = (p["split"] == "test") & (p["head"] == head) & (p["label_fraction"] == fraction)
+        test = {k: v[here] for k, v in p.items()}
+        gates[head, fraction] = {row: _gate([m for _, m in inst], test)
+                                 for row, inst in instances.items()}  # fmt: skip
+    results = []
+    for split in ordered_splits(p["split"].tolist()):
+        for head, fraction in keys:
+            # One selection per (split, head, fraction): the lookups below then scan its rows
+            # only (a benchmark's predictions.csv holds millions).
+            here = (p["split"] == split) & (p["head"] == head) & (p["label_fraction"] == fraction)
+            sub = {k: v[here] for k, v in p.items()}
+            datas, gate = {}, gates[head, fraction]
+            for row in instances:
+                try:
+                    datas[row] = gather_row(sub, row, split=split, head=head,
+                                            label_fraction=fraction, source=source)  # fmt: skip
+                except ValueError as e:
+                    if "no predictions" not in str(e):
+                        raise
+                    continue  # no run of this row here (e.g. an image-only head mismatch)
+            for row, data in datas.items():
+                out = {"row": row, "head": head, "label_fraction": fraction, "split": split,
+                       **row_summary(data), "not_informative": gate[row],
+                       "reference": None, "comparison": None, "not_compared": None}  # fmt: skip
+                info = rows_info.get(row)
+                if info is not None:
+                    ref = info["reference"]
+                    out["reference"] = ref
+                    if row != ref:
+                        out["not_compared"] = _why_not(row, ref, datas, gate, rows_info)
+                    if row != ref and out["not_compared"] is None:
+                        try:
+                            out["comparison"] = compare_rows(
+                                sub, row, ref, split=split, head=head, label_fraction=fraction,
+                                n_boot=n_boot, alpha=alpha, source=source,
+                            )  # fmt: skip
+                        except ValueError as e:  # e.g. a split with one class: say why
+                            out["not_compared"] = str(e)
+                results.append(out)
+    return {"method": METHOD, "n_boot": int(n_boot), "alpha": alpha, "rows": rows,
+            "results": results}  # fmt: skip
+
+
+METHOD = ("difference to the reference row: mean over pretraining-seed instances of the "
+          "metric (each instance averaged over its label-subset seeds), row minus reference; "
+          "percentile interval, SE and two-sided p from a two-level bootstrap resampling "
+          "pretraining seeds (paired by seed when both rows have the same seeds) and patients "
+          "(shared by both rows)")  # fmt: skip
+
+
+def _why_not(row, ref, datas, gates, rows_info) -> str | None:
+    if ref not in rows_info:
+        return f"reference row {ref!r} was not trained"
+    if ref not in datas:
+        return f"reference row {ref!r} has no run here"
+    mine, theirs = rows_info[row]["image_encoder"], rows_info[ref]["image_encoder"]
+    if mine["key"] != theirs["key"]:
+        return (f"different image encoder: {mine['label']} vs {theirs['label']} "
+                f"({ref}); compare within an architecture")  # fmt: skip
+    for name in (row, ref):
+        if len(gates[name]) == len(datas[name].models):
+            return f"{name} is not informative (internal test AUROC interval contains 0.5)"
+    return None
 
 
 TABLE_COLUMNS = ("model", "head", "label_fraction", "split", "n", "n_pos", "auroc", "auroc_lo",
@@ -122,7 +362,7 @@ TABLE_COLUMNS = ("model", "head", "label_fraction", "split", "n", "n_pos", "auro
                  "p_value_vs_reference", "auroc_seed_mean", "auroc_seed_sd", "n_seeds")  # fmt: skip
 
 
-def table_rows(metrics: dict) -> list[dict]:
+def table_rows(metrics: dict, not_comparable: dict | None = None) -> list[dict]:
     """One row per (model, head, fraction) on each split (first seed), plus the seed spread."""
     spread = {(a["model"], a["head"], a["label_fraction"], a["split"]): a["auroc"]
               for a in metrics["across_seeds"]}  # fmt: skip
@@ -139,8 +379,9 @@ def table_rows(metrics: dict) -> list[dict]:
                 row[m], row[f"{m}_lo"], row[f"{m}_hi"] = d.get("value"), d.get("lo"), d.get("hi")
             row["ece_quantile"] = value(o, "ece_quantile")
             row["fpr_at_sensitivity"] = value(o, "fpr_at_sensitivity")
-            row["diff_vs_reference"] = vs.get("diff")
-            row["p_value_vs_reference"] = vs.get("p_value")
+            comparable = r["model"] not in (not_comparable or {})
+            row["diff_vs_reference"] = vs.get("diff") if comparable else None
+            row["p_value_vs_reference"] = vs.get("p_value") if comparable else None
             row["auroc_seed_mean"], row["auroc_seed_sd"] = sd.get("mean"), sd.get("sd")
             row["n_seeds"] = sd.get("n")
             row["_run"] = r
@@ -148,7 +389,9 @@ def table_rows(metrics: dict) -> list[dict]:
     return out
 
 
-def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation) -> None:
+def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation,
+                not_comparable: dict | None = None) -> None:  # fmt: skip
+    not_comparable = not_comparable or {}
     with (workdir / "table.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
@@ -160,7 +403,7 @@ def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation
          "equal-width bins) and Brier with patient-level bootstrap CIs; Δ and p: paired DeLong "
          "against the reference on the same cases (first seed); last column: AUROC mean ± sd "
          "over label-subset seeds.", ""]  # fmt: skip
-    for split in dict.fromkeys(r["split"] for r in rows):
+    for split in ordered_splits(r["split"] for r in rows):
         sel = [r for r in rows if r["split"] == split]
         if not sel:
             continue
@@ -173,9 +416,15 @@ def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation
             diff = (
                 "ref"
                 if r["model"] == metrics["reference"]
+                else "not compared*"
+                if r["model"] in not_comparable
                 else ("n/a" if r["diff_vs_reference"] is None else f"{r['diff_vs_reference']:+.3f}")
             )
-            p = "" if r["model"] == metrics["reference"] else fmt_p(r["p_value_vs_reference"])
+            p = (
+                ""
+                if r["model"] == metrics["reference"] or r["model"] in not_comparable
+                else fmt_p(r["p_value_vs_reference"])
+            )
             seeds = (
                 ""
                 if r["auroc_seed_mean"] is None or (r["n_seeds"] or 0) < 2
@@ -185,10 +434,109 @@ def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation
                      f"({r['n_pos']}) | {fmt_ci(run, 'auroc')} | {fmt_ci(run, 'ece_uniform')} | "
                      f"{fmt_ci(run, 'brier')} | {diff} | {p} | {seeds} |")  # fmt: skip
         L.append("")
+    if not_comparable:
+        L += ["\\* Not compared with the reference: another image encoder ("
+              + "; ".join(f"{k}: {v}" for k, v in not_comparable.items())
+              + "). Compare within an architecture.", ""]  # fmt: skip
     if failed:
         L += ["Rows not in the table (failed or not trained):", ""]
         L += [f"- {name}: {reason}" for name, reason in failed]
         L.append("")
     L += ["Full report: `eval/report.md`; every number: `eval/metrics.json`, recomputable from "
           "`eval/predictions.csv`.", ""]  # fmt: skip
+    (workdir / "table.md").write_text("\n".join(L))
+
+
+SEED_TABLE_COLUMNS = ("row", "head", "label_fraction", "split", "n", "n_pos", "n_instances",
+                      "auroc_mean", "auroc_seed_sd", "reference", "diff_auroc", "diff_auroc_lo",
+                      "diff_auroc_hi", "diff_auroc_se", "p_auroc", "diff_ece", "diff_ece_lo",
+                      "diff_ece_hi", "p_ece", "not_informative", "note")  # fmt: skip
+
+
+def seed_table_rows(comparison: dict) -> list[dict]:
+    out = []
+    for r in comparison["results"]:
+        c = r["comparison"] or {}
+        a, e = c.get("auroc") or {}, c.get("ece_uniform") or {}
+        out.append({
+            "row": r["row"], "head": r["head"], "label_fraction": r["label_fraction"],
+            "split": r["split"], "n": r["n"], "n_pos": r["n_pos"],
+            "n_instances": r["n_instances"], "auroc_mean": r["auroc_mean"],
+            "auroc_seed_sd": r["auroc_seed_sd"], "reference": r["reference"],
+            "diff_auroc": a.get("diff"), "diff_auroc_lo": a.get("lo"),
+            "diff_auroc_hi": a.get("hi"), "diff_auroc_se": a.get("se"), "p_auroc": a.get("p_value"),
+            "diff_ece": e.get("diff"), "diff_ece_lo": e.get("lo"), "diff_ece_hi": e.get("hi"),
+            "p_ece": e.get("p_value"), "not_informative": " ".join(r["not_informative"]),
+            "note": r["not_compared"] or "",
+        })  # fmt: skip
+    return out
+
+
+def _fmt_diff(d, key, lo, hi) -> str:
+    if d.get(key) is None:
+        return ""
+    return f"{d[key]:+.3f} [{d[lo]:+.3f}, {d[hi]:+.3f}]"
+
+
+def write_seed_table(workdir: Path, comparison: dict, ablation) -> None:
+    """table.csv and table.md of a multi-seed sweep: one line per row, split, head, fraction."""
+    rows = seed_table_rows(comparison)
+    with (workdir / "table.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SEED_TABLE_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in SEED_TABLE_COLUMNS})
+    seeds = comparison["pretrain_seeds"]
+    L = [f"# Ablation table: task {comparison['task']}", "",
+         f"Each row pretrained with seeds {', '.join(map(str, seeds))} for {int(ablation.steps)} "
+         "steps; linear probe unless the head says otherwise. AUROC: mean ± sd over a row's "
+         "pretraining-seed instances (each averaged over its label-subset seeds). Δ: row minus "
+         f"its reference, with a 95% interval and p from a bootstrap ({comparison['n_boot']} "
+         "resamples) over pretraining seeds and patients, so seed-to-seed spread counts as "
+         "uncertainty (a DeLong test on one seed treats the encoder as fixed). Rows with "
+         "another image encoder than their reference are not compared; instances whose "
+         "internal-test AUROC interval contains 0.5 are marked not informative, and a row "
+         "whose every instance is, is not compared. Reference rows added by the evaluation "
+         "(one instance, no @seed) have no Δ.", ""]  # fmt: skip
+    arch = {r["row"]: r["image_encoder"] for r in comparison["rows"] if r["image_encoder"]}
+    if len(set(arch.values())) > 1:
+        L += ["Image encoders: " + "; ".join(f"{k}: {v}" for k, v in arch.items()), ""]
+    for split in ordered_splits(r["split"] for r in rows):
+        L += [f"## {split} split", "",
+              "| row | head | labels | n (pos) | instances | AUROC mean ± sd | vs | "
+              "Δ AUROC [95% CI] | p | Δ ECE-15 [95% CI] | p (ECE) | note |",
+              "| --- | --- | ---: | ---: | ---: | --- | --- | --- | ---: | --- | ---: | --- |",
+              ]  # fmt: skip
+        sel = [r for r in rows if r["split"] == split]
+        for r in sorted(sel, key=lambda r: (r["label_fraction"], r["head"])):
+            if r["auroc_mean"] is None:
+                auc = "n/a"
+            elif r["auroc_seed_sd"] is None:
+                auc = f"{r['auroc_mean']:.3f}"
+            else:
+                auc = f"{r['auroc_mean']:.3f} ± {r['auroc_seed_sd']:.3f}"
+            vs = "" if r["reference"] is None else ("ref" if r["row"] == r["reference"]
+                                                     else r["reference"])  # fmt: skip
+            note = r["note"]
+            if r["not_informative"]:
+                note = "; ".join(x for x in (f"not informative: {r['not_informative']}", note)
+                                 if x)  # fmt: skip
+            has = r["diff_auroc"] is not None
+            L.append(
+                f"| {r['row']} | {r['head']} | {r['label_fraction']:.0%} | {r['n']} "
+                f"({r['n_pos']}) | {r['n_instances']} | {auc} | {vs} | "
+                f"{_fmt_diff(r, 'diff_auroc', 'diff_auroc_lo', 'diff_auroc_hi')} | "
+                f"{fmt_p(r['p_auroc']) if has else ''} | "
+                f"{_fmt_diff(r, 'diff_ece', 'diff_ece_lo', 'diff_ece_hi')} | "
+                f"{fmt_p(r['p_ece']) if r['diff_ece'] is not None else ''} | {note} |"
+            )
+        L.append("")
+    missing = [(f["model"], f["reason"]) for row in comparison["rows"] for f in row["failed"]]
+    if missing:
+        L += ["Instances not in the table (failed or not trained); their rows are summarised "
+              "over the instances that remain:", ""]  # fmt: skip
+        L += [f"- {name}: {reason}" for name, reason in missing]
+        L.append("")
+    L += ["Every number: `comparison.json`; per instance: `eval/report.md` and "
+          "`eval/metrics.json`, all recomputable from `eval/predictions.csv`.", ""]  # fmt: skip
     (workdir / "table.md").write_text("\n".join(L))
