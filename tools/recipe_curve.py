@@ -79,8 +79,9 @@ def main(argv=None) -> int:
     grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
     curve = json.loads((out / "curve.json").read_text()) if (out / "curve.json").exists() else {}
     for spec in args.configs.split(","):
-        name = Path(spec.partition(":")[0]).stem
-        wd = out / name
+        path, _, variant = spec.partition(":")
+        name = Path(path).stem + (f":{variant}" if variant else "")
+        wd = out / name.replace(":", "_")
         steps = [int(s) for s in args.steps.split(",")]
         rows = curve.setdefault(name, {})
         for step in sorted({0, *steps}):
