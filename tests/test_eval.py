@@ -643,7 +643,7 @@ def test_sweep_writes_one_table_with_reference_comparisons(store, tmp_path):
 # Sweeps over pretraining seeds (fast: no training; the slow test below trains)
 
 
-def _fake_predictions(rng, models: dict, n: int = 60):
+def _fake_seed_predictions(rng, models: dict, n: int = 60):
     """read_predictions-style columns for `models` {name: signal strength or None (noise)} on
     a `test`, a pooled `external` and an `external:site_x` split, one head, 20% labels with
     two label seeds."""
@@ -676,7 +676,7 @@ def test_sweep_comparison_aggregates_seeds_and_refuses_unfair_or_uninformative_r
     rng = np.random.default_rng(0)
     models = {"pg@0": 2.0, "pg@1": 2.5, "simclr@0": 1.0, "simclr@1": 1.2, "resnet@0": 2.0,
               "resnet@1": 2.0, "noise@0": None, "noise@1": None, "oracle": 4.0}  # fmt: skip
-    p = _fake_predictions(rng, models)
+    p = _fake_seed_predictions(rng, models)
     vit = {"key": "vit", "label": "vit_mu/8 (width 64)"}
     res = {"key": "resnet", "label": "resnet_mu (width 16)"}
     info = {"pg": {"reference": "pg", "image_encoder": vit, "config": "a"},
@@ -719,7 +719,7 @@ def test_sweep_comparison_aggregates_seeds_and_refuses_unfair_or_uninformative_r
                  "different image encoder", "- simclr@2: RuntimeError: diverged",
                  "not informative: noise@0 noise@1"):  # fmt: skip
         assert text in md, text
-    assert md.index("## test split") < md.index("## external split")
+    assert md.index("## external split") < md.index("## test split")  # report.ordered_splits
     table = read_csv(tmp_path / "table.csv")
     assert len(table) == 15
     row = next(r for r in table if r["row"] == "simclr" and r["split"] == "external")
