@@ -20,9 +20,10 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
-from pgjax.data.deid import hash_key, quiet_pydicom
+from pgjax.data.deid import hash_key, patient_identity, quiet_pydicom
 from pgjax.data.pixels import frame_geometry
-from pgjax.data.protocol import ascii_text_safe, normalize_text, raw_text, read_protocol
+from pgjax.data.protocol import ascii_text_safe, normalize_text, read_protocol
+from pgjax.data.redaction import header_redactor
 from pgjax.data.schema import Schema
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -33,14 +34,6 @@ NATIVE_SYNTAXES = {
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
 }
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-# Header elements whose values, if they turn up inside free text, mark that text as identifying.
-PERSON_NAME_KEYWORDS = (
-    "PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
-    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
-    "NameOfPhysiciansReadingStudy", "RequestingPhysician", "PhysiciansOfRecord",
-)  # fmt: skip
-ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName")
-REDACTED = "<REDACTED>"
 _SINGLE_TEXT_VRS = frozenset({"CS", "LO", "SH"})
 
 
@@ -178,28 +171,6 @@ def _pixel_problem(path: str, ds) -> str | None:
     return None
 
 
-def _identifying_words(ds) -> set[str]:
-    """Normalised words of this header's names and IDs (3+ characters; shorter ones are noise)."""
-    words = set()
-    text_ok = ascii_text_safe(ds)
-    for keyword in PERSON_NAME_KEYWORDS + ID_KEYWORDS:
-        # The raw text when it is plain ASCII: its "\\" between values and "^" between name
-        # parts become spaces below, so the words are those of pydicom's values, one by one.
-        text = raw_text(ds, keyword, text_ok)
-        if text is not None:
-            values = [text]
-        else:
-            value = ds.get(keyword)
-            if value is None:
-                continue
-            multi = (list, tuple, pydicom.multival.MultiValue)
-            values = value if isinstance(value, multi) else [value]
-        for v in values:
-            text = normalize_text(str(v).replace("^", " "), freetext=True)
-            words.update(w for w in text.split() if len(w) >= 3)
-    return words
-
-
 def single_text(ds, keyword: str, text_ok: bool) -> str:
     """str(ds.get(keyword, "") or "").strip(), straight from the raw bytes when they hold one
     printable ASCII value of a string VR (pydicom's conversion, which validates every UID with a
@@ -216,24 +187,6 @@ def single_text(ds, keyword: str, text_ok: bool) -> str:
             if text.isprintable() and "\\" not in text:
                 return text.strip()
     return str(ds.get(keyword, "") or "").strip()
-
-
-def redact_free_text(protocol: dict, ds, schema: Schema) -> dict:
-    """Free text that contains a name or ID from its own header is replaced by <REDACTED>.
-
-    The vocabulary's distinct-patient rule removes rare strings, but a name that recurs (a
-    radiographer's name typed into every series description) would pass it; this catches the
-    names the header itself declares.
-    """
-    words = _identifying_words(ds)
-    if not words:
-        return protocol
-    out = dict(protocol)
-    for field in schema.fields:
-        value = out.get(field.keyword)
-        if field.freetext and isinstance(value, str) and words & set(value.split()):
-            out[field.keyword] = REDACTED
-    return out
 
 
 def scan_file(root: str, path: str, schema: Schema, salt: bytes, site_from: str) -> ScanRecord:
@@ -258,14 +211,14 @@ def _scan_file(root, path, schema, salt, site_from) -> ScanRecord:
             return ScanRecord(path=path, reason="no SOPInstanceUID (cannot identify the instance)")
         study = single_text(ds, "StudyInstanceUID", text_ok)
         series = single_text(ds, "SeriesInstanceUID", text_ok)
-        patient = single_text(ds, "PatientID", text_ok)
-        # Missing identity degrades to the next level up, each in its own namespace, so an
-        # instance without a PatientID is its own "patient" rather than everyone's.
+        # Missing identity degrades to the next level up, each in its own namespace.
         study = study or f"no-study:{series or sop}"
         series = series or f"no-series:{sop}"
-        patient_kind, patient = ("patient", patient) if patient else ("study-as-patient", study)
+        patient = single_text(ds, "PatientID", text_ok)
+        name = "" if patient else str(ds.get("PatientName", "") or "")
+        patient_kind, patient = patient_identity(patient, name)
         geometry = [g.to_json() for g in frame_geometry(ds)]
-        protocol = redact_free_text(read_protocol(ds, schema), ds, schema)
+        protocol = header_redactor(ds).redact(read_protocol(ds, schema), schema)
         try:
             instance_number = int(ds.get("InstanceNumber")) if "InstanceNumber" in ds else None
         except (TypeError, ValueError):
