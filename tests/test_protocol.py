@@ -523,3 +523,35 @@ def test_single_text_equals_pydicom(monkeypatch):
                                      trial % 3 == 0, True)  # fmt: skip
         fast, slow = both(ds)
         assert fast == slow, ds
+
+
+@pytest.mark.parametrize(
+    "keyword",
+    ["PatientAge", "PatientWeight", "PatientSize", "ClinicalTrialSubjectID", "PatientAddress",
+     "PatientTelephoneNumbers", "Occupation", "StationName", "EthnicGroup", "MilitaryRank",
+     "InstitutionName", "DeviceSerialNumber", "PatientSex"],
+)  # fmt: skip
+def test_schema_with_a_basic_profile_attribute_is_refused(keyword):
+    for kind in ("categorical", "numeric"):
+        multi = "first" if kind == "numeric" else "join"
+        schema = Schema(
+            fields=(Field("Modality", "categorical"), Field(keyword, kind, multi=multi))
+        )
+        with pytest.raises(ValueError, match=rf"fields {keyword} \(PS3.15 Basic Profile\)"):
+            check_schema(schema)
+
+
+def test_schema_descriptions_only_as_free_text():
+    for keyword in ("StudyDescription", "ProtocolName", "PerformedProcedureStepDescription"):
+        check_schema(Schema(fields=(Field(keyword, "categorical", freetext=True),)))
+        with pytest.raises(ValueError, match=rf"{keyword} \(PS3.15 Basic Profile\)"):
+            check_schema(Schema(fields=(Field(keyword, "categorical"),)))
+    # A yes/no holds no identity.
+    check_schema(Schema(fields=(Field("PatientWeight", "presence"),)))
+
+
+def test_basic_profile_keywords_are_pydicom_keywords():
+    from pgjax.data.basic_profile import BASIC_PROFILE_KEYWORDS, DESCRIPTOR_KEYWORDS
+
+    assert not [k for k in BASIC_PROFILE_KEYWORDS | DESCRIPTOR_KEYWORDS if not tag_for_keyword(k)]
+    assert DESCRIPTOR_KEYWORDS <= BASIC_PROFILE_KEYWORDS

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -39,6 +40,7 @@ from pgjax.data.schema import Schema
 REDACTED = "<REDACTED>"
 
 MIN_WORD_CHARS = 3  # a single word shorter than this is noise ("MR", "DR", initials)
+MIN_NUMBER_CHARS = 6  # a shorter number inside a word ("B30", "V1015") is a version or kernel
 # Sequences of the Basic Profile are searched this deep and this many items each: enough for
 # the request, procedure-step and physician-identification sequences, bounded for a sequence
 # of thousands of referenced images.
@@ -73,6 +75,7 @@ _FREETEXT_WORD_KEYWORDS = frozenset(
 )
 
 _WORD = re.compile(r"[^\W_]+")
+_DIGIT_RUN = re.compile(r"\d+")
 _COMPACT_DATE = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})")
 _YMD = re.compile(r"(?<!\d)(\d{4})([-/.])(\d{1,2})\2(\d{1,2})(?!\d)")
 _DMY = re.compile(r"(?<!\d)(\d{1,2})([-/.])(\d{1,2})\2(\d{4})(?!\d)")
@@ -119,18 +122,19 @@ class Redactor:
     free: matched in free-text values (normalised the free-text way, digits gone).
     """
 
-    def __init__(self, plain: Iterable[tuple[str, ...]] = (), free: Iterable[tuple[str, ...]] = ()):
-        self.plain = _phrase_index(plain)
-        self.free = _phrase_index(free)
-
-    def __bool__(self) -> bool:
-        return bool(self.plain[0] or self.plain[1] or self.free[0] or self.free[1])
-
-    def __or__(self, other: Redactor) -> Redactor:
-        out = Redactor()
-        out.plain = tuple(a | b for a, b in zip(self.plain, other.plain, strict=True))
-        out.free = tuple(a | b for a, b in zip(self.free, other.free, strict=True))
-        return out
+    def __init__(
+        self,
+        plain: Iterable[tuple[str, ...]] = (),
+        free: Iterable[tuple[str, ...]] = (),
+        min_chars: int = MIN_WORD_CHARS,
+    ):
+        self.plain = _phrase_index(plain, min_chars)
+        self.free = _phrase_index(free, min_chars)
+        # Numbers (times, numeric IDs) are found inside words too ("K174512"), as the audit
+        # finds them: a run of digits is one number.
+        self.numbers = frozenset(
+            w for w in self.plain[0] if w.isdigit() and len(w) >= MIN_NUMBER_CHARS
+        )
 
     def identifying(self, value: str, freetext: bool) -> bool:
         """Whether a normalised categorical value holds one of the phrases, a date or an age."""
@@ -139,6 +143,8 @@ class Redactor:
         singles, multis = self.free if freetext else self.plain
         words = _words(value)
         if singles.intersection(words):
+            return True
+        if self.numbers and not freetext and self.numbers.intersection(_DIGIT_RUN.findall(value)):
             return True
         if multis:
             padded = f" {' '.join(words)} "
@@ -159,11 +165,14 @@ class Redactor:
         return out
 
 
-def _phrase_index(phrases: Iterable[tuple[str, ...]]) -> tuple[frozenset, frozenset]:
-    """(single words, multi-word phrases joined by spaces), short single words dropped."""
+def _phrase_index(
+    phrases: Iterable[tuple[str, ...]], min_chars: int
+) -> tuple[frozenset, frozenset]:
+    """(single words, multi-word phrases joined by spaces), single words under min_chars
+    dropped."""
     singles, multis = set(), set()
     for p in phrases:
-        if len(p) == 1 and len(p[0]) >= MIN_WORD_CHARS:
+        if len(p) == 1 and len(p[0]) >= min_chars:
             singles.add(p[0])
         elif len(p) > 1:
             multis.add(" ".join(p))
@@ -175,6 +184,33 @@ def _numeric_date(value: float) -> bool:
         return False
     text = str(int(value))
     return _is_date(text[:4], text[4:6], text[6:])
+
+
+# ------------------------------------------------------------------------------ user words
+
+
+def read_redact_words(path) -> list[str]:
+    """The names and phrases of a word list file (`--redact-words FILE`): one a line, blank
+    lines and lines starting with '#' ignored. A file with none is refused (a typo would
+    otherwise redact nothing, silently)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the redact-words file: {e}") from e
+    words = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not words:
+        raise ValueError(f"{path}: no words to redact (one name or phrase a line)")
+    return words
+
+
+def words_redactor(words: Iterable[str]) -> Redactor:
+    """A Redactor of the user's phrases, each matched whole (as a word sequence, case and
+    punctuation ignored) in every categorical field, free text or not."""
+    plain, free = set(), set()
+    for w in words:
+        plain.add(_words(normalize_text(w)))
+        free.add(_words(normalize_text(w, freetext=True)))
+    return Redactor({p for p in plain if p}, {p for p in free if p}, min_chars=1)
 
 
 # ---------------------------------------------------------------------------- the header's own
