@@ -38,6 +38,7 @@ from pgjax.data.config import PreprocessConfig
 from pgjax.data.deid import load_or_create_salt
 from pgjax.data.earlier import fill_reusing, merge_records
 from pgjax.data.protocol import check_schema
+from pgjax.data.redaction import words_redactor
 from pgjax.data.scan import ScanRecord, list_files, scan_chunk
 from pgjax.data.schema import Schema
 from pgjax.data.tokenizer import MISSING
@@ -235,10 +236,19 @@ def phase_plan(
     compression="zstd",
     overwrite=False,
     earlier: Path | None = None,
+    redact_words: Sequence[str] = (),
 ) -> dict:
     from pgjax.data.plan import build_plan, read_labels
 
     records = load_scan(ws, earlier)
+    if redact_words:
+        # The user's names go before anything is counted or encoded; the scan records (and
+        # so the fingerprint below) hold the redacted values, so another word list replans.
+        redactor = words_redactor(redact_words)
+        for r in records:
+            if r.ok:
+                r.protocol = redactor.redact(r.protocol, schema)
+                r.manufacturer = r.protocol.get("Manufacturer")
     label_map = read_labels(labels, salt) if labels else {}
     fingerprint = _digest(
         [
@@ -326,6 +336,7 @@ def phase_plan(
         "vocab_sha256": hashlib.sha256((ws.store / "vocab.json").read_bytes()).hexdigest(),
         "vocab_size": plan.vocab.size,
         "fields": schema.keywords,
+        "redact_words": len(redact_words),  # how many, never which: they are names
         "arrays": arrays,
         "units": {g: len(u) for g, u in units.items()},
         "counts": {
@@ -650,10 +661,13 @@ def preprocess(
     compression: str = "zstd",
     overwrite: bool = False,
     earlier: str | Path | None = None,
+    redact_words: Sequence[str] = (),
 ) -> dict | None:
     """Run the given phases; returns finalize's summary when it ran.
 
     `earlier`: append to an earlier run whose source files are gone (see pgjax/data/earlier.py).
+    `redact_words`: names or phrases (pgjax/data/redaction.py `read_redact_words`) whose
+    categorical values become <REDACTED> before the vocabulary is fitted.
     """
     earlier = Path(earlier) if earlier else None
     cfg = cfg or PreprocessConfig()
@@ -679,6 +693,7 @@ def preprocess(
             compression=compression,
             overwrite=overwrite,
             earlier=earlier,
+            redact_words=tuple(redact_words),
         )
     if "pixels" in phases:
         phase_pixels(ws, workers=workers, shard=shard, earlier=earlier)

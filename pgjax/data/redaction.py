@@ -28,6 +28,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -224,35 +225,45 @@ def header_redactor(ds: Dataset) -> Redactor:
     return Redactor(plain, free)
 
 
-def header_identifiers(ds: Dataset) -> list[tuple[str, str, str]]:
-    """(keyword, VR, text) of every identifying element of a header, in tag order: elements of
-    the Basic Profile (descriptions excepted: they are what is checked) and of the identifying
-    value representations, top level and inside the Basic Profile's sequences (MAX_DEPTH,
-    MAX_ITEMS). Text of several values keeps DICOM's "\\" between them."""
+def header_identifiers(ds: Dataset, exhaustive: bool = False) -> list[tuple[str, str, str]]:
+    """(keyword, VR, text) of every identifying element of a header: elements of the Basic
+    Profile (descriptions excepted: they are what is checked) and of the identifying value
+    representations, top level and inside the Basic Profile's sequences and the sequences they
+    hold (MAX_DEPTH, MAX_ITEMS, references to other objects skipped; when `exhaustive`, as the
+    audit reads, every sequence, whole).
+    An element inside a sequence is named "Sequence.Keyword". Text of several values keeps
+    DICOM's "\\" between them."""
     out: list[tuple[str, str, str]] = []
-    _collect(ds, ascii_text_safe(ds), out, depth=0)
+    _collect(ds, ascii_text_safe(ds), out, "", 0, exhaustive)
     return out
 
 
-def _collect(ds: Dataset, text_ok: bool, out: list, depth: int) -> None:
+def _collect(ds: Dataset, text_ok: bool, out: list, prefix: str, depth: int, exhaustive: bool):
     for tag in list(ds.keys()):
         tag = int(tag)
         if tag >> 16 == 0x0002:  # file meta: only transfer details
             continue
         keyword = BASIC_PROFILE_TAGS.get(tag)
         vr = dictionary_vr(tag)
-        if keyword is None and vr not in _WORD_VRS:
+        # Sequences: those of the Basic Profile, and any sequence inside them. (Not the others
+        # of the top level: functional groups can hold thousands of items.)
+        sequence = vr == "SQ" and (keyword is not None or depth > 0 or exhaustive)
+        if keyword is None and vr not in _WORD_VRS and not sequence:
             continue
         if keyword in DESCRIPTOR_KEYWORDS:
             continue
+        keyword = keyword or keyword_for_tag(tag) or vr
         if vr == "SQ":
-            if depth + 1 < MAX_DEPTH and keyword not in _REFERENCE_SEQUENCES:
+            if not sequence:
+                continue
+            if exhaustive or (depth + 1 < MAX_DEPTH and keyword not in _REFERENCE_SEQUENCES):
                 value = _value(ds, tag)
                 if isinstance(value, Sequence):
-                    for item in list(value)[:MAX_ITEMS]:
+                    items = list(value) if exhaustive else list(value)[:MAX_ITEMS]
+                    for item in items:
                         # An item with a character set of its own is left to pydicom.
                         ok = text_ok and _CHARSET_TAG not in item
-                        _collect(item, ok, out, depth + 1)
+                        _collect(item, ok, out, f"{prefix}{keyword}.", depth + 1, exhaustive)
             continue
         if vr not in _TEXT_VRS:
             continue
@@ -260,7 +271,7 @@ def _collect(ds: Dataset, text_ok: bool, out: list, depth: int) -> None:
         if text is None:
             text = _as_text(_value(ds, tag))
         if text.strip(" \0"):
-            out.append((keyword or vr, vr, text))
+            out.append((prefix + keyword, vr, text))
 
 
 def _fast_text(ds: Dataset, tag, vr: str, text_ok: bool) -> str | None:
@@ -312,7 +323,7 @@ def _add_forms(keyword: str, vr: str, text: str, plain: set, free: set) -> None:
             words = _words(normalize_text(value, freetext=True))
             if words:  # an ID of digits only has no free-text form: its digits are gone
                 free.add(words)
-                if keyword in _FREETEXT_WORD_KEYWORDS:
+                if keyword.rsplit(".", 1)[-1] in _FREETEXT_WORD_KEYWORDS:
                     free.update((w,) for w in words)
 
 
