@@ -165,3 +165,24 @@ def test_patient_id_still_separates_patients(tmp_path):
         path = write(tmp_path, f"p{i}", PatientID=f"ZQ{i}", PatientName="DOE^ZQJOHN")
         keys.add(scan_file(str(tmp_path), path, SCHEMA, SALT, "dir").patient_key)
     assert len(keys) == 3
+
+
+def test_nested_names_and_the_modality_column(tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.ScheduledPerformingPhysicianName = "MONTGOMERIE^PERPETUA"
+    step = Dataset()
+    step.ScheduledProcedureStepSequence = Sequence([item])
+    path = write(
+        tmp_path,
+        "nested",
+        RequestAttributesSequence=Sequence([step]),
+        ConvolutionKernel="MONTGOMERIE",
+        OperatorsName="ZQOPERATOR",
+        Modality="ZQOPERATOR",
+    )
+    record = scan_file(str(tmp_path), path, SCHEMA, SALT, "dir")
+    assert record.protocol["ConvolutionKernel"] == "<REDACTED>"
+    assert record.modality == "OT"  # table.csv's modality column, which K does not filter

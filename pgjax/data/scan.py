@@ -218,7 +218,12 @@ def _scan_file(root, path, schema, salt, site_from) -> ScanRecord:
         name = "" if patient else str(ds.get("PatientName", "") or "")
         patient_kind, patient = patient_identity(patient, name)
         geometry = [g.to_json() for g in frame_geometry(ds)]
-        protocol = header_redactor(ds).redact(read_protocol(ds, schema), schema)
+        redactor = header_redactor(ds)
+        protocol = redactor.redact(read_protocol(ds, schema), schema)
+        # The modality goes to the table as it is (no K): one that repeats an identifier is OT.
+        modality = normalize_text(single_text(ds, "Modality", text_ok))
+        if not modality or redactor.identifying(modality, freetext=False):
+            modality = "OT"
         try:
             instance_number = int(ds.get("InstanceNumber")) if "InstanceNumber" in ds else None
         except (TypeError, ValueError):
@@ -230,7 +235,7 @@ def _scan_file(root, path, schema, salt, site_from) -> ScanRecord:
             study_key=hash_key(salt, "study", study),
             series_key=hash_key(salt, "series", series),
             instance_key=hash_key(salt, "instance", sop),
-            modality=normalize_text(single_text(ds, "Modality", text_ok)) or "OT",
+            modality=modality,
             manufacturer=protocol.get("Manufacturer"),
             n_frames=max(1, len(geometry)),
             protocol=protocol,
