@@ -499,3 +499,24 @@ def test_the_leaks_of_allow_listed_fields_fail_the_audit(tmp_path, staff_sources
     )
     assert audit_command.run(args) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_matcher_date_and_number_rules():
+    matcher = IdentifierMatcher(
+        [
+            Identifier("StudyDate", "20230917", embedded=True),
+            Identifier("StudyTime", "174512"),
+            Identifier("SOPInstanceUID", "1.2.3.4.5"),
+        ]
+    )
+    found = lambda text: [i.kind for _, _, i in matcher.find(text)]  # noqa: E731
+    assert found(b'"20230917101530"') == ["StudyDate"]  # a date-time starts with the date
+    assert found(b"v=20230917") == ["StudyDate"]
+    assert found(b"x=120230917") == [] and found(b"0.20230917") == []  # a number's fraction
+    assert found(b"K174512,") == ["StudyTime"] and found(b"t=174512.") == ["StudyTime"]
+    assert found(b"0.174512,") == [] and found(b"174512.5") == [] and found(b"1745123") == []
+    assert found(b"1.2.3.4.5") == ["SOPInstanceUID"] and found(b"1.2.3.4.5.6") == []
+    data = b"ab 20230917101530 cd 0.174512 ef K174512 gh"
+    for size in (1, 2, 3, 5, len(data)):
+        blocks = [data[i : i + size] for i in range(0, len(data), size)]
+        assert [i.kind for _, i in matcher.scan(blocks)] == ["StudyDate", "StudyTime"], size

@@ -249,25 +249,27 @@ class IdentifierMatcher:
     possible first bytes of a case-sensitive pattern: 2 to 5 times faster.
 
     Boundary rules against chance hits: an identifier made of digits and dots (a numeric ID, a
-    UID, a time) must not touch another digit (so "1.2.3" is not found in "1.2.34"), and a
-    weak name part must not touch a letter or digit (so a name part is not found inside a word
-    or a hex key). A date (`Identifier.embedded`) is found inside longer digit strings too: a
-    date-time or a timestamp holds it (20230917 in 20230917101530).
+    UID, a time) must not touch another digit, nor a dot that touches one (so "1.2.3" is not
+    found in "1.2.34" nor a time in the fraction of "0.174512"), and a weak name part must not
+    touch a letter or digit (so a name part is not found inside a word or a hex key). A date
+    (`Identifier.embedded`) may be followed by more digits: a date-time or a timestamp starts
+    with it (20230917 in 20230917101530).
     """
 
     def __init__(self, identifiers: Sequence[Identifier]):
-        self.patterns: dict[bytes, tuple[Identifier, frozenset]] = {}
+        self.patterns: dict[bytes, tuple[Identifier, str]] = {}
         for ident in identifiers:
             for pattern in _byte_forms(ident.value):
+                numeric = _NUMERIC_PATTERN.fullmatch(pattern) is not None
                 if ident.embedded:
-                    neighbours = frozenset()
-                elif ident.weak and not _NUMERIC_PATTERN.fullmatch(pattern):
-                    neighbours = _ALNUM
-                elif _NUMERIC_PATTERN.fullmatch(pattern):
-                    neighbours = _DIGITS
+                    rule = "date"
+                elif numeric:
+                    rule = "number"
+                elif ident.weak:
+                    rule = "word"
                 else:
-                    neighbours = frozenset()
-                self.patterns.setdefault(pattern.lower(), (ident, neighbours))
+                    rule = ""
+                self.patterns.setdefault(pattern.lower(), (ident, rule))
         self.longest = max(map(len, self.patterns), default=0)
         self.regex = re.compile(_trie_regex(sorted(self.patterns))) if self.patterns else None
 
@@ -284,8 +286,8 @@ class IdentifierMatcher:
             if m is None or m.start() >= stop:
                 return
             s, e = m.span()
-            ident, neighbours = self.patterns[m.group()]
-            if (s > 0 and low[s - 1] in neighbours) or (e < len(low) and low[e] in neighbours):
+            ident, rule = self.patterns[m.group()]
+            if rule and not _bounded(low, s, e, rule):
                 pos = s + 1
                 continue
             yield s, e, ident
@@ -298,7 +300,9 @@ class IdentifierMatcher:
             for _ in blocks:
                 pass
             return
-        margin = self.longest  # a match starting before len - margin ends before the last byte
+        # A match starting before len - margin ends 2 bytes before the end: the boundary rules
+        # look 2 bytes past it.
+        margin = self.longest + 1
         buf, base, lo = b"", 0, 0
         for block in blocks:
             buf += block.lower()
@@ -309,8 +313,8 @@ class IdentifierMatcher:
             for s, e, ident in self._find(buf, lo, hi):
                 yield base + s, ident
                 end = e
-            # Keep one byte before the next search start: the boundary rules look at it.
-            keep = hi - 1
+            # Keep two bytes before the next search start: the boundary rules look at them.
+            keep = max(hi - 2, 0)
             buf, base = buf[keep:], base + keep
             lo = max(hi, end) - keep
         for s, _, ident in self._find(buf, lo, len(buf)):
@@ -326,6 +330,21 @@ class IdentifierMatcher:
             out += [data[pos : m.start()], b"<redacted>"]
             pos = m.end()
         return b"".join([*out, data[pos:]]).decode("utf-8", "replace")
+
+
+def _bounded(low: bytes, s: int, e: int, rule: str) -> bool:
+    """Whether the match low[s:e] stands apart from its neighbours as `rule` needs."""
+    if rule == "word":
+        return not (s > 0 and low[s - 1] in _ALNUM) and not (e < len(low) and low[e] in _ALNUM)
+    before = s > 0 and (
+        low[s - 1] in _DIGITS or (low[s - 1] == 0x2E and s > 1 and low[s - 2] in _DIGITS)
+    )
+    if before or rule == "date":
+        return not before
+    after = e < len(low) and (
+        low[e] in _DIGITS or (low[e] == 0x2E and e + 1 < len(low) and low[e + 1] in _DIGITS)
+    )
+    return not after
 
 
 def _byte_forms(value: str) -> list[bytes]:
