@@ -384,30 +384,34 @@ def _fit_numeric(
     order = np.argsort(x, kind="stable")
     # Sorted first, so mean and cuts do not depend on record order (float sums do).
     x, pid = x[order], np.asarray(patients, dtype=np.int64)[order]
-    values, first = np.unique(x, return_index=True)
-    groups = [set(pid[a:b].tolist()) for a, b in zip(first, [*first[1:], len(x)], strict=True)]
+    values, first, counts = np.unique(x, return_index=True, return_counts=True)
+    # Distinct patients per distinct value.
+    value_index = np.repeat(np.arange(len(values)), counts)
+    n_pid = int(pid.max()) + 1
+    holders = np.bincount(_sorted_unique(value_index * n_pid + pid) // n_pid, minlength=len(values))
     shared = max(min_patients, 2)
-    # Cuts: indices i into `values` where a new bin starts.
+    # Candidate cuts (indices into `values` where a bin starts): the first value at or after
+    # each quantile position. A cut is taken when the bin it closes has enough patients.
+    targets = [-(-(j + 1) * len(x) // bins) for j in range(bins - 1)]
+    candidates = sorted({int(i) for i in np.searchsorted(first, targets)} - {0, len(values)})
     cuts: list[int] = []
-    in_bin: set[int] = set()
-    for i in range(len(values)):
-        if i and _cut_due(first[i], len(x), bins, len(cuts)) and len(in_bin) >= min_patients:
-            cuts.append(i)
-            in_bin = set()
-        in_bin |= groups[i]
-    if cuts and len(in_bin) < min_patients:
+    for c in candidates:
+        lo = first[cuts[-1]] if cuts else 0
+        if len(_sorted_unique(pid[lo : first[c]])) >= min_patients:
+            cuts.append(c)
+    if cuts and len(_sorted_unique(pid[first[cuts[-1]] :])) < min_patients:
         cuts.pop()  # the last bin is short of patients: it joins the one before
     inner = [
-        values[i] if len(groups[i]) >= shared else _round_between(f, values[i - 1], values[i])
+        values[i] if holders[i] >= shared else _round_between(f, values[i - 1], values[i])
         for i in cuts
     ]
-    lo = values[0] if len(groups[0]) >= shared else _round_outward(f, values[0], -1)
-    hi = values[-1] if len(groups[-1]) >= shared else _round_outward(f, values[-1], +1)
+    lo = values[0] if holders[0] >= shared else _round_outward(f, values[0], -1)
+    hi = values[-1] if holders[-1] >= shared else _round_outward(f, values[-1], +1)
     edges = tuple(float(e) for e in (lo, *inner, hi)) if hi != lo or inner else (float(lo),)
     token = np.searchsorted(np.asarray(edges[1:-1]), x, side="right")
     n_tokens = max(len(edges) - 1, 1)
-    pairs = np.unique(token * (int(pid.max()) + 1) + pid)
-    counts = np.bincount(pairs // (int(pid.max()) + 1), minlength=n_tokens)
+    pairs = _sorted_unique(token * n_pid + pid)
+    counts = np.bincount(pairs // n_pid, minlength=n_tokens)
     return FieldVocab(
         f,
         start,
@@ -419,9 +423,10 @@ def _fit_numeric(
     )
 
 
-def _cut_due(position: int, n: int, bins: int, made: int) -> bool:
-    """Whether the record at sorted `position` has passed the next quantile (made + 1) / bins."""
-    return made + 1 < bins and position * bins >= (made + 1) * n
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """np.unique of integers by sorting (numpy's hash-based unique is slower on 1e6 values)."""
+    a = np.sort(a)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
 
 
 def _round_between(f: Field, a: float, b: float) -> float:
