@@ -246,18 +246,6 @@ def ascii_text_safe(ds: Dataset) -> bool:
     return all(str(t).strip(" \0") in _ASCII_SAFE_CHARSETS for t in terms)
 
 
-def raw_text(ds: Dataset, keyword: str, text_ok: bool) -> str | None:
-    """The element's text straight from its raw bytes ("" when absent or empty), or None when
-    the fast reader declines (see _fast_value) and the caller must ask pydicom."""
-    elem = ds.get_item(_tag(keyword), keep_deferred=True)
-    if elem is None:
-        return ""
-    if not isinstance(elem, RawDataElement):
-        return None
-    value = _fast_value(elem, _tag(keyword), text_ok, numbers_ok=False)
-    return value if isinstance(value, str) else None
-
-
 @functools.cache
 def _tag(keyword: str) -> int | None:
     return tag_for_keyword(keyword)
