@@ -12,6 +12,7 @@ without a PatientID has eight studies with a phrase only they carry. One patient
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -218,3 +219,30 @@ def test_the_audit_flags_every_identifier_that_reaches_a_store(corpus, tmp_path,
             continue  # no header element holds them: K, the date rule and the word list do
         m = marker.lower()
         assert any(m in f or f in m for f in found), marker
+
+
+def test_redact_words_file_removes_a_name_k_lets_through(corpus, tmp_path):
+    # At K=1 the lone phrase would be a token; listed in --redact-words it is not.
+    words = tmp_path / "names.txt"
+    words.write_text("# names typed into descriptions\nzqlonely hexagon\n")
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run(
+        [sys.executable, "-m", "pgjax.cli", "preprocess", str(corpus), "--out", str(store),
+         "--workers", "1", "--min-patients", "1", "--redact-words", str(words)],
+        capture_output=True, env=env, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    assert markers_in(store_bytes(store)) == {}  # even at K=1 (the header rules do the rest)
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["redact_words"] == 1
+    assert "<REDACTED>" in (store / "vocab.json").read_text()
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "pgjax.cli", "preprocess", str(corpus), "--out", str(store),
+         "--workers", "1", "--redact-words", str(empty)],
+        capture_output=True, env=env, check=False,
+    )  # fmt: skip
+    assert run.returncode == 2 and b"empty.txt: no words to redact" in run.stderr
