@@ -174,6 +174,9 @@ class _NoRedaction:
     def redact(self, protocol, schema):
         return protocol
 
+    def identifying(self, value, freetext):
+        return False
+
 
 def test_the_audit_flags_every_identifier_that_reaches_a_store(corpus, tmp_path, monkeypatch):
     # The same corpus with the redaction of items 1 and 2 switched off, as before the fix.
