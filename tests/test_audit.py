@@ -364,11 +364,30 @@ def test_cli_exit_status_and_report(tmp_path, sources, capsys):
 
 
 def test_cli_weak_hits(tmp_path, sources, capsys):
+    # A single name part (a surname that may be a word) in decoded pixel bytes is weak:
+    # listed, and accepted with --weak-ok.
     store = clean_store(tmp_path / "store")
-    (store / "vocab.json").write_text(json.dumps({"values": ["OKONKWO PROTOCOL"]}))
+    data = np.random.default_rng(2).integers(0, 16, (64, 256), dtype=np.uint8)
+    data[5, 10:17] = np.frombuffer(b"OKONKWO", np.uint8)
+    write_zarr3(store / "pixels", data)
     assert cli(store, sources) == 1
     assert cli(store, sources, weak_ok=True) == 0
     assert "1 weak hits accepted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [("vocab.json", json.dumps({"values": ["OKONKWO PROTOCOL"]})),
+     ("images/table.csv", "row,site\n0,CHIDI_SITE\n")],
+)  # fmt: skip
+def test_cli_weak_ok_never_passes_a_name_in_a_token_or_table_value(
+    tmp_path, sources, capsys, name, text
+):
+    store = clean_store(tmp_path / "store")
+    (store / name).parent.mkdir(exist_ok=True)
+    (store / name).write_text(text)
+    assert cli(store, sources, weak_ok=True) == 1
+    assert "FAIL: 1 identifier hits (0 weak)" in capsys.readouterr().out
 
 
 def test_cli_incomplete_audit(tmp_path, sources, capsys):
@@ -396,3 +415,108 @@ def test_cli_help_is_registered():
         check=True,
     ).stdout
     assert "--sources" in out and "--json" in out
+
+
+# --------------------------------------------------------- every identifying element (item 6)
+
+STAFF = {
+    "OperatorsName": "QUIBBLESWORTH^TAMSIN",
+    "RequestingPhysician": "PENDERGHAST^OSWALDO",
+    "NameOfPhysiciansReadingStudy": "FAIRCLOUGH^LUDOVIKA",
+    "PerformingPhysicianName": "ABERCROMBIE^CASIMIR",
+    "ReferringPhysicianName": "VANDERHOEK^ISOLDE",
+}
+
+
+@pytest.fixture(scope="module")
+def staff_sources(tmp_path_factory):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    root = tmp_path_factory.mktemp("staff")
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for keyword, value in STAFF.items():
+        setattr(ds, keyword, value)
+    ds.StationName = "ZQSTATION77"
+    ds.StudyDate = "20230917"
+    ds.StudyTime = "174512"
+    ds.AcquisitionDateTime = "20220304081122"
+    ds.PatientAge = "098Y"
+    ds.PatientAddress = "12 ZQUILL LANE"
+    item = Dataset()
+    item.ScheduledPerformingPhysicianName = "MONTGOMERIE^PERPETUA"
+    step = Dataset()
+    step.ScheduledProcedureStepSequence = Sequence([item])
+    ds.RequestAttributesSequence = Sequence([step])
+    ds.save_as(root / "ct.dcm")
+    return root
+
+
+def test_collect_identifiers_takes_every_basic_profile_element(staff_sources):
+    found = collect_identifiers([staff_sources])
+    values = {i.value for i in found}
+    for name in STAFF.values():
+        family, given = name.split("^")
+        assert {name, f"{given} {family}"} <= values, name
+    assert {"ZQSTATION77", "174512", "17:45:12", "098Y", "12 ZQUILL LANE"} <= values
+    assert {"20220304081122", "20220304", "081122", "2022-03-04", "04.03.2022"} <= values
+    assert {"MONTGOMERIE^PERPETUA", "PERPETUA MONTGOMERIE", "17/09/2023"} <= values
+    by_value = {i.value: i for i in found}
+    assert "StationName" in by_value["ZQSTATION77"].kind
+    assert "ScheduledProcedureStepSequence" in by_value["MONTGOMERIE^PERPETUA"].kind
+    assert by_value["20230917"].embedded and not by_value["174512"].embedded
+
+
+def test_a_date_inside_a_longer_digit_string_is_found(tmp_path, staff_sources):
+    store = clean_store(tmp_path / "store")
+    (store / "vocab.json").write_text(json.dumps({"values": ["20230917101530"]}))
+    report = audit_store(store, collect_identifiers([staff_sources]))
+    assert report.strong_hits_total == 1 and kinds(report) == {"StudyDate"}
+
+
+def test_the_leaks_of_allow_listed_fields_fail_the_audit(tmp_path, staff_sources, capsys):
+    # What an allow-listed field that repeats an identifier would put into vocab.json.
+    store = clean_store(tmp_path / "store")
+    tokens = [
+        "QUIBBLESWORTH^TAMSIN",  # SoftwareVersions = OperatorsName
+        "OSWALDO PENDERGHAST",  # ManufacturerModelName = RequestingPhysician
+        "FAIRCLOUGH",  # ConvolutionKernel = a reader's surname
+        "ORIGINAL\\\\PRIMARY\\\\ZQSTATION77",  # ImageType with the StationName
+        "20230917",  # ConvolutionKernel = StudyDate
+        "20220304081122",  # SoftwareVersions = AcquisitionDateTime
+        "098Y",  # BodyPartExamined = PatientAge
+    ]
+    (store / "vocab.json").write_text(json.dumps({"values": tokens}, indent=1))
+    report = audit_store(store, collect_identifiers([staff_sources]))
+    assert report.weak_hits_total == 0
+    hit_offsets = {h.offset for h in report.hits}
+    text = (store / "vocab.json").read_text()
+    for token in tokens:
+        start = text.index(json.dumps(token)) + 1
+        assert any(start <= o < start + len(json.dumps(token)) for o in hit_offsets), token
+    args = argparse.Namespace(
+        store=str(store), sources=[str(staff_sources)], json=None, weak_ok=True, max_hits=1000
+    )
+    assert audit_command.run(args) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_matcher_date_and_number_rules():
+    matcher = IdentifierMatcher(
+        [
+            Identifier("StudyDate", "20230917", embedded=True),
+            Identifier("StudyTime", "174512"),
+            Identifier("SOPInstanceUID", "1.2.3.4.5"),
+        ]
+    )
+    found = lambda text: [i.kind for _, _, i in matcher.find(text)]  # noqa: E731
+    assert found(b'"20230917101530"') == ["StudyDate"]  # a date-time starts with the date
+    assert found(b"v=20230917") == ["StudyDate"]
+    assert found(b"x=120230917") == [] and found(b"0.20230917") == []  # a number's fraction
+    assert found(b"K174512,") == ["StudyTime"] and found(b"t=174512.") == ["StudyTime"]
+    assert found(b"0.174512,") == [] and found(b"174512.5") == [] and found(b"1745123") == []
+    assert found(b"1.2.3.4.5") == ["SOPInstanceUID"] and found(b"1.2.3.4.5.6") == []
+    data = b"ab 20230917101530 cd 0.174512 ef K174512 gh"
+    for size in (1, 2, 3, 5, len(data)):
+        blocks = [data[i : i + size] for i in range(0, len(data), size)]
+        assert [i.kind for _, i in matcher.scan(blocks)] == ["StudyDate", "StudyTime"], size

@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from pgjax.data import protocol
-from pgjax.data.protocol import normalize_text, read_protocol
+from pgjax.data.protocol import check_schema, normalize_text, read_protocol
 from pgjax.data.schema import Field, Schema
 
 SCHEMA = Schema()
@@ -142,7 +142,7 @@ def test_read_protocol_looks_up_keywords_only():
 def test_schema_with_identifier_is_refused():
     for keyword in ("PatientName", "StudyDate", "PatientID", "SOPInstanceUID"):
         schema = Schema(fields=(Field(keyword, "categorical"),))
-        with pytest.raises(ValueError, match=f"{keyword} holds identifiers"):
+        with pytest.raises(ValueError, match=rf"{keyword} \((VR \w\w|PS3.15 Basic Profile)\)"):
             read_protocol(Dataset(), schema)
 
 
@@ -296,7 +296,10 @@ def test_enhanced_ct_kernel_and_kvp():
 
 
 def _slow(monkeypatch):
+    from pgjax.data import redaction
+
     monkeypatch.setattr(protocol, "_fast_value", lambda *args, **kwargs: protocol._SLOW)
+    monkeypatch.setattr(redaction, "_fast_text", lambda *args, **kwargs: None)
 
 
 def _both_ways(monkeypatch, read):
@@ -320,18 +323,37 @@ def _testdata_headers():
         yield path
 
 
+def _allowed(fields):
+    """The fields check_schema accepts (the Basic Profile's descriptions only as free text)."""
+    out = []
+    for f in fields:
+        try:
+            check_schema(Schema(fields=(f,)))
+        except ValueError:
+            continue
+        out.append(f)
+    return Schema(fields=tuple(out))
+
+
 ALL_KINDS = [
     Schema(fields=tuple(f for f in SCHEMA.fields)),
     # Every default keyword under every other kind and multi rule (where check_schema allows).
-    Schema(fields=tuple(Field(f.keyword, "categorical", multi="first") for f in SCHEMA.fields)),
-    Schema(fields=tuple(Field(f.keyword, "categorical", freetext=True) for f in SCHEMA.fields)),
-    Schema(fields=tuple(Field(f.keyword, "numeric", multi="mean") for f in SCHEMA.fields)),
-    Schema(fields=tuple(Field(f.keyword, "presence") for f in SCHEMA.fields)),
+    _allowed(Field(f.keyword, "categorical", multi="first") for f in SCHEMA.fields),
+    _allowed(Field(f.keyword, "categorical", freetext=True) for f in SCHEMA.fields),
+    _allowed(Field(f.keyword, "numeric", multi="mean") for f in SCHEMA.fields),
+    _allowed(Field(f.keyword, "presence") for f in SCHEMA.fields),
 ]
 
 
+def _identifying_words(ds):
+    """What the scan takes from a header to redact protocol values (see redaction.py)."""
+    from pgjax.data.redaction import header_redactor
+
+    r = header_redactor(ds)
+    return r.plain, r.free
+
+
 def test_fast_reader_equals_pydicom_on_every_test_file(monkeypatch):
-    from pgjax.data.scan import _identifying_words
 
     checked = 0
     for path in _testdata_headers():
@@ -372,7 +394,7 @@ def test_fast_reader_equals_pydicom_on_malformed_values(monkeypatch):
 
     rng = random.Random(0)
     schemas = [
-        Schema(fields=tuple(Field(k, kind, **extra) for k in FAST_KEYWORDS))
+        _allowed(Field(k, kind, **extra) for k in FAST_KEYWORDS)
         for kind, extra in [
             ("categorical", {}),
             ("categorical", {"multi": "first"}),
@@ -413,8 +435,6 @@ def test_fast_reader_equals_pydicom_on_malformed_values(monkeypatch):
 def test_fast_identifying_words_equal_pydicom(monkeypatch):
     import random
 
-    from pgjax.data.scan import _identifying_words
-
     rng = random.Random(1)
     for _ in range(300):
         charset = rng.choice(CHARSETS)
@@ -422,7 +442,10 @@ def test_fast_identifying_words_equal_pydicom(monkeypatch):
         if charset is not None:
             ds[0x00080005] = RawDataElement(0x00080005, "CS", len(charset), charset, 0, False, True)
         for keyword, vr in (("PatientName", "PN"), ("OtherPatientIDs", "LO"),
-                            ("OperatorsName", "PN"), ("AccessionNumber", "SH")):  # fmt: skip
+                            ("OperatorsName", "PN"), ("AccessionNumber", "SH"),
+                            ("StationName", "SH"), ("StudyDate", "DA"), ("StudyTime", "TM"),
+                            ("AcquisitionDateTime", "DT"), ("PatientAge", "AS"),
+                            ("StudyInstanceUID", "UI")):  # fmt: skip
             value = b"".join(rng.choices(PIECES, k=rng.randrange(5)))
             ds[tag_for_keyword(keyword)] = RawDataElement(
                 tag_for_keyword(keyword), vr, len(value), value, 0, False, True
@@ -500,3 +523,35 @@ def test_single_text_equals_pydicom(monkeypatch):
                                      trial % 3 == 0, True)  # fmt: skip
         fast, slow = both(ds)
         assert fast == slow, ds
+
+
+@pytest.mark.parametrize(
+    "keyword",
+    ["PatientAge", "PatientWeight", "PatientSize", "ClinicalTrialSubjectID", "PatientAddress",
+     "PatientTelephoneNumbers", "Occupation", "StationName", "EthnicGroup", "MilitaryRank",
+     "InstitutionName", "DeviceSerialNumber", "PatientSex"],
+)  # fmt: skip
+def test_schema_with_a_basic_profile_attribute_is_refused(keyword):
+    for kind in ("categorical", "numeric"):
+        multi = "first" if kind == "numeric" else "join"
+        schema = Schema(
+            fields=(Field("Modality", "categorical"), Field(keyword, kind, multi=multi))
+        )
+        with pytest.raises(ValueError, match=rf"fields {keyword} \(PS3.15 Basic Profile\)"):
+            check_schema(schema)
+
+
+def test_schema_descriptions_only_as_free_text():
+    for keyword in ("StudyDescription", "ProtocolName", "PerformedProcedureStepDescription"):
+        check_schema(Schema(fields=(Field(keyword, "categorical", freetext=True),)))
+        with pytest.raises(ValueError, match=rf"{keyword} \(PS3.15 Basic Profile\)"):
+            check_schema(Schema(fields=(Field(keyword, "categorical"),)))
+    # A yes/no holds no identity.
+    check_schema(Schema(fields=(Field("PatientWeight", "presence"),)))
+
+
+def test_basic_profile_keywords_are_pydicom_keywords():
+    from pgjax.data.basic_profile import BASIC_PROFILE_KEYWORDS, DESCRIPTOR_KEYWORDS
+
+    assert not [k for k in BASIC_PROFILE_KEYWORDS | DESCRIPTOR_KEYWORDS if not tag_for_keyword(k)]
+    assert DESCRIPTOR_KEYWORDS <= BASIC_PROFILE_KEYWORDS

@@ -159,7 +159,9 @@ def test_log_transform():
     saved = vocab.to_json()["fields"][3]
     logs = np.log1p(np.sort(thickness))
     assert saved["mean"] == pytest.approx(logs.mean()) and saved["std"] == pytest.approx(logs.std())
-    assert saved["edges"] == pytest.approx(np.quantile(logs, [0, 0.25, 0.5, 0.75, 1]).tolist())
+    quantiles = np.quantile(logs, [0, 0.25, 0.5, 0.75, 1])
+    assert saved["edges"] == pytest.approx(quantiles.tolist(), rel=1e-3)
+    assert not set(saved["edges"]) & set(logs.tolist())  # no edge is one patient's value
     _, values, _ = vocab.encode(record(SliceThickness=5.0))
     assert values[3] == pytest.approx((math.log1p(5.0) - logs.mean()) / logs.std(), rel=1e-5)
     # bin labels are in millimetres, not log units
@@ -299,3 +301,29 @@ def test_encode_real_files_through_read_protocol():
         "PhotometricInterpretation",
         "MONOCHROME2",
     )
+
+
+def test_numeric_edges_are_never_one_patients_value():
+    # One patient weighs 231.7; the rest share a handful of common values.
+    schema = Schema(fields=(Field("KVP", "numeric", multi="first"),))
+    rng = random.Random(3)
+    records = [(f"p{i}", {"KVP": rng.choice([70.0, 80.0, 90.0, 100.0])}) for i in range(60)]
+    records += [("lone", {"KVP": 231.7}), ("lone", {"KVP": 231.7}), ("pair", {"KVP": 0.37})]
+    for k in (1, 5):
+        vocab = Vocabulary.fit(schema, records, min_patients=k, numeric_bins=16)
+        fv = vocab.fields[0]
+        text = json.dumps(vocab.to_json())
+        assert "231.7" not in text and "0.37" not in text
+        assert not {231.7, 0.37} & set(fv.edges)
+        assert min(fv.patients) >= k  # every bin is k-anonymous
+        # the lone values still land in the end bins
+        ids = vocab.encode({"KVP": 231.7})[0]
+        assert ids[0] == fv.stop - 1 and vocab.encode({"KVP": 0.37})[0][0] == fv.start
+
+
+def test_numeric_field_with_fewer_than_k_patients_gets_no_bins():
+    schema = Schema(fields=(Field("KVP", "numeric", multi="first"),))
+    records = [(f"p{i}", {"KVP": 100.0 + i}) for i in range(4)]
+    vocab = Vocabulary.fit(schema, records, min_patients=5, numeric_bins=4)
+    assert vocab.fields[0].values == () and vocab.fields[0].edges == ()
+    assert vocab.encode({"KVP": 101.0})[0][0] == UNK

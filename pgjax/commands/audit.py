@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 HELP = (
-    "search every file and array of a store for identifiers (names, IDs, dates, UIDs and their "
-    "unsalted hashes) taken from the source DICOM files; exit 1 on any hit"
+    "search every file and array of a store for identifiers (every PS3.15 Basic Profile "
+    "element: names, IDs, dates, times, ages, UIDs, their unsalted hashes...) taken from the "
+    "source DICOM files; exit 1 on any hit"
 )
 
 
@@ -30,8 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weak-ok",
         action="store_true",
-        help="report hits of single name components (e.g. a surname that is also a word) "
-        "without failing",
+        help="report weak hits without failing: single name components or short values found "
+        "inside decoded arrays (pixel bytes), where they turn up by chance; a hit in a file "
+        "(a token, a table value, a JSON string) always fails",
     )
     p.add_argument(
         "--max-hits", type=int, default=1000, help="list at most this many hits (default 1000)"

@@ -40,6 +40,12 @@ def add_store_arguments(p: argparse.ArgumentParser) -> None:
         help="worker processes (spawned); 1 runs in this process",
     )
     p.add_argument("--schema", metavar="FILE", help="protocol schema JSON (default: built in)")
+    p.add_argument(
+        "--redact-words",
+        metavar="FILE",
+        help="names or phrases to redact from every protocol field, one a line ('#' comments): "
+        "for names no header element declares, which K lets through when K patients share them",
+    )
     p.add_argument("--labels", metavar="CSV", help="study_uid,task,label[,score] per study")
     p.add_argument(
         "--private",
@@ -132,6 +138,7 @@ def build_config(args):
 
 def run(args) -> int:
     from pgjax.data.preprocess import PHASES, parse_shard, preprocess
+    from pgjax.data.redaction import read_redact_words
     from pgjax.data.schema import load_schema
 
     phases = PHASES if args.phase == "all" else (args.phase,)
@@ -143,6 +150,7 @@ def run(args) -> int:
         summary = preprocess(
             args.inputs,
             args.out,
+            redact_words=read_redact_words(args.redact_words) if args.redact_words else (),
             cfg=cfg,
             schema=load_schema(args.schema),
             private=args.private,

@@ -101,6 +101,7 @@ def make_source(args):
 
 
 def run(args) -> int:
+    from pgjax.data.redaction import read_redact_words
     from pgjax.data.schema import load_schema
     from pgjax.pacs.pull import pull
     from pgjax.pacs.source import PacsError, TransientError
@@ -122,6 +123,7 @@ def run(args) -> int:
             concurrency=args.concurrency,
             overwrite=args.overwrite,
             compression=args.compression,
+            redact_words=read_redact_words(args.redact_words) if args.redact_words else (),
         )
     except TransientError as e:
         print(f"pgjax pull: the PACS is unreachable: {e}; rerun to resume", file=sys.stderr)

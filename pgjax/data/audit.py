@@ -1,7 +1,9 @@
 """Audit a store for identifiers taken from the source DICOM files.
 
-`collect_identifiers` reads the identifying attributes of the sources (names, IDs, dates, UIDs,
-institution) in the forms they are likely to leak in, including unsalted hashes. `audit_store`
+`collect_identifiers` reads the identifying attributes of the sources (every element of the
+PS3.15 Basic Profile and of the identifying value representations: names, IDs, dates, times,
+ages, UIDs, station and institution names...) in the forms they are likely to leak in, including
+unsalted hashes. `audit_store`
 then searches every file of the store: zarr v3 arrays are decoded with TensorStore and their
 data searched (compression would hide an identifier from a byte grep of the chunk files); every
 other file is searched as raw bytes, as is every file and folder name. The report names only
@@ -28,47 +30,39 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import tensorstore as ts
-from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence as DicomSequence
 
 from pgjax.data.deid import redact, redact_pydicom_logs
+from pgjax.data.redaction import header_identifiers
 
 MIN_CHARS = 4  # shorter values hit by chance everywhere
+# In decoded arrays (pixels, token ids, numbers) a value shorter than this, or a single name
+# part, can turn up by chance: such hits are weak. Anywhere else every hit is strong.
+WEAK_IN_ARRAYS_BELOW = 6
 BLOCK_BYTES = 8 << 20  # files and arrays are searched in blocks of this size
 
-NAME_KEYWORDS = (
-    "PatientName",
-    "ReferringPhysicianName",
-    "OperatorsName",
-    "PerformingPhysicianName",
-)
-ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber")
-DATE_KEYWORDS = ("PatientBirthDate", "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
-UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
-TEXT_KEYWORDS = ("InstitutionName",)
-HASHED_KEYWORDS = ("PatientID", *UID_KEYWORDS)  # naive (unsalted) hashing of these is searched
-_READ_TAGS = [
-    *NAME_KEYWORDS,
-    *ID_KEYWORDS,
-    "OtherPatientIDsSequence",
-    *DATE_KEYWORDS,
-    *UID_KEYWORDS,
-    *TEXT_KEYWORDS,
-]
+# Unsalted hashes of these are searched too (naive hashing of IDs and UIDs).
+HASHED_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 _DIGITS = frozenset(b"0123456789")
+_DATE = re.compile(r"(1[89]|2[01])\d\d(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])")
 _ALNUM = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _NUMERIC_PATTERN = re.compile(rb"[0-9.]+")
 
 
 @dataclasses.dataclass(frozen=True)
 class Identifier:
-    """A string that must not appear in a store. weak: a single name component, which may
-    also be an ordinary word; its hits are reported apart."""
+    """A string that must not appear in a store.
+
+    weak: a single name component or a short value, which random bytes can hold by chance: its
+      hits inside decoded arrays are weak (reported apart, accepted by `--weak-ok`); its hits
+      in any file (a token in vocab.json, a table value, a JSON string) or name are strong.
+    embedded: a date, found inside longer digit strings too (20230917 in 20230917101530).
+    """
 
     kind: str
     value: str
     weak: bool = False
+    embedded: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,27 +126,39 @@ class AuditReport:
 def collect_identifiers(paths: Iterable[str | Path]) -> list[Identifier]:
     """The identifiers of every DICOM (part 10) file under `paths` (files or folders).
 
+    Every element of the PS3.15 Basic Profile the sources hold, and every element of an
+    identifying value representation (names, dates, times, date-times, UIDs), top level and
+    nested in sequences (`redaction.header_identifiers`, exhaustive): patient and staff names,
+    IDs, station, institution and department names, addresses, ages, dates and times in their
+    common written forms, UIDs and unsalted hashes of IDs and UIDs. The descriptions a store
+    keeps by design (study and series descriptions, protocol names) are not identifiers here.
+
     Files that are not DICOM, or too damaged to read, are skipped silently. Values shorter than
-    4 characters are left out. Each identifier appears once (compared case-insensitively).
+    4 characters, or with fewer than 2 distinct letters or digits ("----", "000000"), are left
+    out. Each identifier appears once (compared case-insensitively).
     """
     redact_pydicom_logs()
-    found: dict[str, tuple[set[str], str, bool]] = {}
+    found: dict[str, tuple[set[str], str, bool, bool]] = {}
     for path in _walk_sources(paths):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pydicom warnings quote header values
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_READ_TAGS)
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
                 pairs = list(_identifiers_of(ds))
         except Exception:  # not DICOM (InvalidDicomError), or too damaged to read: skipped
             continue
         for kind, value, weak in pairs:
             value = value.strip(" \0")
-            if len(value) < MIN_CHARS:
+            if len(value) < MIN_CHARS or len({c for c in value.lower() if c.isalnum()}) < 2:
                 continue
-            kinds, first, was_weak = found.get(value.lower(), (set(), value, True))
+            weak = weak or len(value) < WEAK_IN_ARRAYS_BELOW
+            embedded = bool(_DATE.fullmatch(value))
+            kinds, first, was_weak, was_embedded = found.get(
+                value.lower(), (set(), value, True, False)
+            )
             kinds.add(kind)
-            found[value.lower()] = (kinds, first, was_weak and weak)
-    return [Identifier(", ".join(sorted(k)), v, w) for k, v, w in found.values()]
+            found[value.lower()] = (kinds, first, was_weak and weak, was_embedded or embedded)
+    return [Identifier(", ".join(sorted(k)), v, w, e) for k, v, w, e in found.values()]
 
 
 def _walk_sources(paths: Iterable[str | Path]) -> Iterator[str]:
@@ -171,41 +177,46 @@ def _walk_sources(paths: Iterable[str | Path]) -> Iterator[str]:
 
 def _identifiers_of(ds) -> Iterator[tuple[str, str, bool]]:
     """(kind, value, weak) for one header."""
-    for keyword in NAME_KEYWORDS:
-        for pn in _values(ds, keyword):
-            yield from _name_forms(keyword, pn)
-    for keyword in ID_KEYWORDS + UID_KEYWORDS + TEXT_KEYWORDS:
-        for value in _values(ds, keyword):
-            yield keyword, str(value), False
-    for item in _values(ds, "OtherPatientIDsSequence"):
-        for value in _values(item, "PatientID"):
-            yield "OtherPatientIDs", str(value), False
-    for keyword in DATE_KEYWORDS:
-        for value in _values(ds, keyword):
-            date = str(value).strip()
-            yield keyword, date, False
-            if re.fullmatch(r"\d{8}", date):
-                yield f"{keyword} (YYYY-MM-DD)", f"{date[:4]}-{date[4:6]}-{date[6:]}", False
-                yield f"{keyword} (YYYY/MM/DD)", f"{date[:4]}/{date[4:6]}/{date[6:]}", False
-    for keyword in HASHED_KEYWORDS:
-        for value in _values(ds, keyword):
-            data = str(value).strip(" \0").encode("utf-8")
-            if len(data) >= MIN_CHARS:
-                for algorithm in ("sha256", "sha1", "md5"):
-                    yield f"{keyword} {algorithm}", hashlib.new(algorithm, data).hexdigest(), False
+    for keyword, vr, text in header_identifiers(ds, exhaustive=True):
+        for value in text.split("\\"):
+            value = value.strip(" \0")
+            if not value:
+                continue
+            if vr == "PN":
+                yield from _name_forms(keyword, value)
+            elif vr in ("DA", "DT", "TM"):
+                yield from _date_time_forms(keyword, vr, value)
+            else:
+                yield keyword, value, False
+            if keyword in HASHED_KEYWORDS:
+                data = value.encode("utf-8")
+                if len(data) >= MIN_CHARS:
+                    for algorithm in ("sha256", "sha1", "md5"):
+                        digest = hashlib.new(algorithm, data).hexdigest()
+                        yield f"{keyword} {algorithm}", digest, False
 
 
-def _values(ds, keyword: str) -> list:
-    """The element's values as a list (empty when absent, empty or unreadable)."""
-    try:
-        value = ds.get(keyword)
-    except Exception:  # pydicom raises on values it cannot convert
-        return []
-    if value is None or value == "":
-        return []
-    if isinstance(value, MultiValue | DicomSequence):
-        return list(value)
-    return [value]
+def _date_time_forms(keyword: str, vr: str, value: str) -> Iterator[tuple[str, str, bool]]:
+    """A date as stored and as YYYY-MM-DD, YYYY/MM/DD, DD.MM.YYYY, DD/MM/YYYY, MM/DD/YYYY; a
+    time as HHMMSS and HH:MM:SS; a date-time as stored and as its date and its time."""
+    yield keyword, value, False
+    digits = value.split(".")[0].split("+")[0].split("-")[0]
+    date = digits if vr == "DA" else digits[:8] if vr == "DT" else ""
+    time = digits if vr == "TM" else digits[8:] if vr == "DT" else ""
+    if _DATE.fullmatch(date):
+        y, m, d = date[:4], date[4:6], date[6:]
+        yield f"{keyword} (date)" if vr == "DT" else keyword, date, False
+        for form, text in (
+            ("YYYY-MM-DD", f"{y}-{m}-{d}"),
+            ("YYYY/MM/DD", f"{y}/{m}/{d}"),
+            ("DD.MM.YYYY", f"{d}.{m}.{y}"),
+            ("DD/MM/YYYY", f"{d}/{m}/{y}"),
+            ("MM/DD/YYYY", f"{m}/{d}/{y}"),
+        ):
+            yield f"{keyword} ({form})", text, False
+    if re.fullmatch(r"\d{6}", time):  # HHMM alone is too common a number to search for
+        yield f"{keyword} (time)" if vr == "DT" else keyword, time, False
+        yield f"{keyword} (HH:MM:SS)", f"{time[:2]}:{time[2:4]}:{time[4:]}", False
 
 
 def _name_forms(keyword: str, pn) -> Iterator[tuple[str, str, bool]]:
@@ -237,23 +248,28 @@ class IdentifierMatcher:
     regex is compiled without re.IGNORECASE, because the engine can only skip ahead to
     possible first bytes of a case-sensitive pattern: 2 to 5 times faster.
 
-    Boundary rules against chance hits: an identifier made of digits and dots (a date, a
-    numeric ID, a UID) must not touch another digit (so "1.2.3" is not found in "1.2.34"), and a
-    weak name part must not touch a letter or digit (so a name part is not found inside a word
-    or a hex key).
+    Boundary rules against chance hits: an identifier made of digits and dots (a numeric ID, a
+    UID, a time) must not touch another digit, nor a dot that touches one (so "1.2.3" is not
+    found in "1.2.34" nor a time in the fraction of "0.174512"), and a weak name part must not
+    touch a letter or digit (so a name part is not found inside a word or a hex key). A date
+    (`Identifier.embedded`) may be followed by more digits: a date-time or a timestamp starts
+    with it (20230917 in 20230917101530).
     """
 
     def __init__(self, identifiers: Sequence[Identifier]):
-        self.patterns: dict[bytes, tuple[Identifier, frozenset]] = {}
+        self.patterns: dict[bytes, tuple[Identifier, str]] = {}
         for ident in identifiers:
             for pattern in _byte_forms(ident.value):
-                if ident.weak:
-                    neighbours = _ALNUM
-                elif _NUMERIC_PATTERN.fullmatch(pattern):
-                    neighbours = _DIGITS
+                numeric = _NUMERIC_PATTERN.fullmatch(pattern) is not None
+                if ident.embedded:
+                    rule = "date"
+                elif numeric:
+                    rule = "number"
+                elif ident.weak:
+                    rule = "word"
                 else:
-                    neighbours = frozenset()
-                self.patterns.setdefault(pattern.lower(), (ident, neighbours))
+                    rule = ""
+                self.patterns.setdefault(pattern.lower(), (ident, rule))
         self.longest = max(map(len, self.patterns), default=0)
         self.regex = re.compile(_trie_regex(sorted(self.patterns))) if self.patterns else None
 
@@ -270,8 +286,8 @@ class IdentifierMatcher:
             if m is None or m.start() >= stop:
                 return
             s, e = m.span()
-            ident, neighbours = self.patterns[m.group()]
-            if (s > 0 and low[s - 1] in neighbours) or (e < len(low) and low[e] in neighbours):
+            ident, rule = self.patterns[m.group()]
+            if rule and not _bounded(low, s, e, rule):
                 pos = s + 1
                 continue
             yield s, e, ident
@@ -284,7 +300,9 @@ class IdentifierMatcher:
             for _ in blocks:
                 pass
             return
-        margin = self.longest  # a match starting before len - margin ends before the last byte
+        # A match starting before len - margin ends 2 bytes before the end: the boundary rules
+        # look 2 bytes past it.
+        margin = self.longest + 1
         buf, base, lo = b"", 0, 0
         for block in blocks:
             buf += block.lower()
@@ -295,8 +313,8 @@ class IdentifierMatcher:
             for s, e, ident in self._find(buf, lo, hi):
                 yield base + s, ident
                 end = e
-            # Keep one byte before the next search start: the boundary rules look at it.
-            keep = hi - 1
+            # Keep two bytes before the next search start: the boundary rules look at them.
+            keep = max(hi - 2, 0)
             buf, base = buf[keep:], base + keep
             lo = max(hi, end) - keep
         for s, _, ident in self._find(buf, lo, len(buf)):
@@ -312,6 +330,21 @@ class IdentifierMatcher:
             out += [data[pos : m.start()], b"<redacted>"]
             pos = m.end()
         return b"".join([*out, data[pos:]]).decode("utf-8", "replace")
+
+
+def _bounded(low: bytes, s: int, e: int, rule: str) -> bool:
+    """Whether the match low[s:e] stands apart from its neighbours as `rule` needs."""
+    if rule == "word":
+        return not (s > 0 and low[s - 1] in _ALNUM) and not (e < len(low) and low[e] in _ALNUM)
+    before = s > 0 and (
+        low[s - 1] in _DIGITS or (low[s - 1] == 0x2E and s > 1 and low[s - 2] in _DIGITS)
+    )
+    if before or rule == "date":
+        return not before
+    after = e < len(low) and (
+        low[e] in _DIGITS or (low[e] == 0x2E and e + 1 < len(low) and low[e + 1] in _DIGITS)
+    )
+    return not after
 
 
 def _byte_forms(value: str) -> list[bytes]:
@@ -374,13 +407,16 @@ def audit_store(
     report = AuditReport(store=matcher.redact_text(str(store)), identifiers=len(identifiers))
 
     def add(rel: str, ident: Identifier, where: str, offset=None, index=None) -> None:
+        # Only decoded arrays (pixels, numbers) hold bytes that can match by chance; a hit in
+        # a file (a token, a table value, a JSON string) or a name is strong, whatever it is.
+        weak = ident.weak and where == "array"
         report.hits_total += 1
-        report.weak_hits_total += ident.weak
+        report.weak_hits_total += weak
         report.hits_by_kind[ident.kind] += 1
         if len(report.hits) < max_hits:
             path = matcher.redact_text(rel)
             report.hits.append(
-                Hit(path, ident.kind, redact(ident.value), where, offset, index, ident.weak)
+                Hit(path, ident.kind, redact(ident.value), where, offset, index, weak)
             )
 
     def counted(blocks: Iterable[bytes]) -> Iterator[bytes]:

@@ -106,6 +106,31 @@ def hash_key(salt: bytes, kind: str, value: str) -> str:
     return hmac.new(bytes(salt), message, hashlib.sha256).hexdigest()[:KEY_HEX_CHARS]
 
 
+# The one identity of every file with neither a PatientID nor a PatientName.
+UNIDENTIFIED_PATIENT = "no-patient-identity"
+
+
+def patient_identity(patient_id: str, patient_name: str) -> tuple[str, str]:
+    """(hash_key kind, value) of the patient a file belongs to.
+
+    PatientID when there is one; else the PatientName (spaces, case and "^" normalised); else
+    one shared identity for all such files. The patient key is what the vocabulary counts
+    towards K and what splits keep together, so a file without a PatientID must not become a
+    new patient of its own: a person with eight studies and no PatientID would count as eight
+    patients, and a phrase only they carry would become a token. Treating all unidentifiable
+    files as one patient errs the safe way on both counts: they count once towards K, and they
+    never straddle the train/test border (they may be one person). The cost: such files all go
+    to one split.
+    """
+    patient_id = (patient_id or "").strip(" \0")
+    if patient_id:
+        return "patient", patient_id
+    name = " ".join((patient_name or "").replace("^", " ").replace("=", " ").upper().split())
+    if name:
+        return "patient-name", name
+    return "patient-unidentified", UNIDENTIFIED_PATIENT
+
+
 def redact(value: str) -> str:
     """A redacted form of an identifier for reports: 'NG***IA (9 chars)'.
 

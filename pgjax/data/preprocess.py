@@ -38,6 +38,7 @@ from pgjax.data.config import PreprocessConfig
 from pgjax.data.deid import load_or_create_salt
 from pgjax.data.earlier import fill_reusing, merge_records
 from pgjax.data.protocol import check_schema
+from pgjax.data.redaction import words_redactor
 from pgjax.data.scan import ScanRecord, file_state, list_files, scan_chunk
 from pgjax.data.schema import Schema
 from pgjax.data.sites import load_site_names
@@ -172,6 +173,11 @@ def _scan_unit(job, schema_json, salt, site_from, site_names, max_pixels, out_di
     st.write_json_atomic(Path(out_dir) / f"chunk-{chunk:06d}.json", records)
 
 
+# Bump when the scan's output for the same file changes (redaction, identity, skip rules), so a
+# rerun over an earlier private folder scans again instead of reusing records.
+SCAN_VERSION = 2
+
+
 def phase_scan(
     inputs, ws: Workspace, schema: Schema, cfg, salt, *, workers=1, shard=(0, 1), site_names=None
 ):
@@ -180,9 +186,10 @@ def phase_scan(
         raise ValueError(f"no files under {', '.join(map(str, inputs))}")
     listing = [(r, p, *file_state(p)) for r, p in files]
     # The chunk size is part of the digest: chunk files of another size are other files' records.
+    # So is SCAN_VERSION: records of an older scan hold what its redaction let through.
     digest = _digest(
         [listing, schema.to_json(), cfg.site_from, sorted((site_names or {}).items()),
-         cfg.max_pixels, FILES_PER_SCAN_CHUNK]
+         cfg.max_pixels, FILES_PER_SCAN_CHUNK, SCAN_VERSION]
     )  # fmt: skip
     listing_path = ws.scan_dir / "listing.json"
     if listing_path.exists() and json.loads(listing_path.read_text()).get("digest") != digest:
@@ -242,10 +249,19 @@ def phase_plan(
     compression="zstd",
     overwrite=False,
     earlier: Path | None = None,
+    redact_words: Sequence[str] = (),
 ) -> dict:
     from pgjax.data.plan import build_plan, read_labels
 
     records = load_scan(ws, earlier)
+    if redact_words:
+        # The user's names go before anything is counted or encoded; the scan records (and
+        # so the fingerprint below) hold the redacted values, so another word list replans.
+        redactor = words_redactor(redact_words)
+        for r in records:
+            if r.ok:
+                r.protocol = redactor.redact(r.protocol, schema)
+                r.manufacturer = r.protocol.get("Manufacturer")
     label_map = read_labels(labels, salt) if labels else {}
     fingerprint = _digest(
         [
@@ -333,6 +349,7 @@ def phase_plan(
         "vocab_sha256": hashlib.sha256((ws.store / "vocab.json").read_bytes()).hexdigest(),
         "vocab_size": plan.vocab.size,
         "fields": schema.keywords,
+        "redact_words": len(redact_words),  # how many, never which: they are names
         "arrays": arrays,
         "units": {g: len(u) for g, u in units.items()},
         "counts": {
@@ -670,12 +687,15 @@ def preprocess(
     overwrite: bool = False,
     earlier: str | Path | None = None,
     site_names: dict[str, str] | str | Path | None = None,
+    redact_words: Sequence[str] = (),
 ) -> dict | None:
     """Run the given phases; returns finalize's summary when it ran.
 
     `earlier`: append to an earlier run whose source files are gone (see pgjax/data/earlier.py).
     `site_names`: {folder: site name}, or a JSON/CSV file of them (pgjax/data/sites.py), for
     `site_from="dir"`; folders not listed get a salted key. Kept in the private folder only.
+    `redact_words`: names or phrases (pgjax/data/redaction.py `read_redact_words`) whose
+    categorical values become <REDACTED> before the vocabulary is fitted.
     """
     earlier = Path(earlier) if earlier else None
     cfg = cfg or PreprocessConfig()
@@ -708,6 +728,7 @@ def preprocess(
             compression=compression,
             overwrite=overwrite,
             earlier=earlier,
+            redact_words=tuple(redact_words),
         )
     if "pixels" in phases:
         phase_pixels(ws, workers=workers, shard=shard, earlier=earlier)

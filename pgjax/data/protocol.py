@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
+from pgjax.data.basic_profile import BASIC_PROFILE_KEYWORDS, DESCRIPTOR_KEYWORDS, IDENTIFYING_VRS
 from pgjax.data.deid import redact_pydicom_logs
 from pgjax.data.schema import Field, Schema
 
@@ -49,38 +50,6 @@ PRESENCE_ALIASES: dict[str, tuple[str, ...]] = {
     "ContrastBolusAgent": ("ContrastBolusAgentSequence",),
 }
 
-# Value representations that hold identifiers by definition (names, dates, times, UIDs) and the
-# keywords of identifying strings: a schema naming one is refused, whatever its kind.
-IDENTIFYING_VRS = frozenset({"PN", "DA", "DT", "TM", "UI"})
-IDENTIFYING_KEYWORDS = frozenset(
-    {
-        "PatientID",
-        "IssuerOfPatientID",
-        "OtherPatientIDs",
-        "OtherPatientIDsSequence",
-        "OtherPatientNames",
-        "PatientAddress",
-        "PatientTelephoneNumbers",
-        "PatientMotherBirthName",
-        "MilitaryRank",
-        "MedicalRecordLocator",
-        "AccessionNumber",
-        "StudyID",
-        "InstitutionName",
-        "InstitutionAddress",
-        "InstitutionalDepartmentName",
-        "StationName",
-        "DeviceSerialNumber",
-        "RequestAttributesSequence",
-        "RequestedProcedureID",
-        "ScheduledProcedureStepID",
-        "PerformedProcedureStepID",
-        "AdmissionID",
-        "AdditionalPatientHistory",
-        "PatientComments",
-        "ImageComments",
-    }
-)
 # Value representations without a scalar value (sequences, byte and word streams): only a
 # presence field may name one.
 OPAQUE_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "AT"})
@@ -192,16 +161,35 @@ def read_protocol(ds: Dataset, schema: Schema) -> dict[str, ProtocolValue]:
 
 @functools.lru_cache(maxsize=16)
 def check_schema(schema: Schema) -> None:
-    """Refuse (ValueError) a schema that would let an identifier through (names, dates, UIDs,
-    IDs) or that names a field its kind cannot read. `read_protocol` calls it; call it at
-    startup too, so a bad schema fails once rather than per file."""
+    """Refuse (ValueError) a schema that would let an identifier through or that names a field
+    its kind cannot read. `read_protocol` calls it; call it at startup too, so a bad schema
+    fails once rather than per file.
+
+    Refused: every element of an identifying value representation (names, dates, times, UIDs)
+    and every attribute of the PS3.15 Basic Profile (IDs, addresses, telephone numbers, age,
+    weight, size, occupation, station and institution names, comments...), whatever the kind;
+    except that the Basic Profile's descriptions (DESCRIPTOR_KEYWORDS: study and series
+    descriptions, protocol names...) may be read as free text or as presence, and any other
+    Basic Profile attribute that is not of an identifying VR as presence (a yes/no holds no
+    identity). There is no flag that admits age or weight: they would need top-coding and
+    binning to be k-anonymous, which this reader does not do.
+    """
+    refused = []
     for f in schema.fields:
         vr = dictionary_VR(tag_for_keyword(f.keyword))
-        if vr in IDENTIFYING_VRS or f.keyword in IDENTIFYING_KEYWORDS:
-            raise ValueError(
-                f"protocol schema field {f.keyword} holds identifiers (VR {vr}) and may not be "
-                "read as a protocol field"
-            )
+        if vr in IDENTIFYING_VRS:
+            refused.append(f"{f.keyword} (VR {vr})")
+        elif f.keyword in BASIC_PROFILE_KEYWORDS and f.kind != "presence":
+            if not (f.keyword in DESCRIPTOR_KEYWORDS and f.freetext):
+                refused.append(f"{f.keyword} (PS3.15 Basic Profile)")
+    if refused:
+        raise ValueError(
+            f"protocol schema fields {', '.join(refused)} hold identifiers and may not be read "
+            "as protocol fields (descriptions of the Basic Profile only as free text: "
+            f"{', '.join(sorted(DESCRIPTOR_KEYWORDS))})"
+        )
+    for f in schema.fields:
+        vr = dictionary_VR(tag_for_keyword(f.keyword))
         if f.kind != "presence" and vr in OPAQUE_VRS:
             raise ValueError(
                 f"protocol schema field {f.keyword} has VR {vr}: only a presence field can read it"
@@ -258,25 +246,13 @@ def ascii_text_safe(ds: Dataset) -> bool:
     return all(str(t).strip(" \0") in _ASCII_SAFE_CHARSETS for t in terms)
 
 
-def raw_text(ds: Dataset, keyword: str, text_ok: bool) -> str | None:
-    """The element's text straight from its raw bytes ("" when absent or empty), or None when
-    the fast reader declines (see _fast_value) and the caller must ask pydicom."""
-    elem = ds.get_item(_tag(keyword), keep_deferred=True)
-    if elem is None:
-        return ""
-    if not isinstance(elem, RawDataElement):
-        return None
-    value = _fast_value(elem, _tag(keyword), text_ok, numbers_ok=False)
-    return value if isinstance(value, str) else None
-
-
 @functools.cache
 def _tag(keyword: str) -> int | None:
     return tag_for_keyword(keyword)
 
 
 @functools.cache
-def _dictionary_vr(tag: int) -> str:
+def dictionary_vr(tag: int) -> str:
     try:
         return dictionary_VR(tag)
     except KeyError:
@@ -293,7 +269,7 @@ def _fast_value(elem: RawDataElement, tag: int, text_ok: bool, numbers_ok: bool)
     raw = elem.value
     if raw is None or not isinstance(raw, bytes):  # deferred, or not raw bytes
         return _SLOW
-    vr = elem.VR or _dictionary_vr(tag)  # implicit VR files: the dictionary's VR, as pydicom
+    vr = elem.VR or dictionary_vr(tag)  # implicit VR files: the dictionary's VR, as pydicom
     fmt = _BINARY_FORMATS.get(vr)
     if fmt is not None:
         size = struct.calcsize(fmt)

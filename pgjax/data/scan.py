@@ -24,9 +24,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
 from pgjax.data.config import DEFAULT_MAX_PIXELS
-from pgjax.data.deid import hash_key, quiet_pydicom
+from pgjax.data.deid import hash_key, patient_identity, quiet_pydicom
 from pgjax.data.pixels import frame_geometry, size_problem
-from pgjax.data.protocol import ascii_text_safe, normalize_text, raw_text, read_protocol
+from pgjax.data.protocol import ascii_text_safe, normalize_text, read_protocol
+from pgjax.data.redaction import header_redactor
 from pgjax.data.schema import Schema
 from pgjax.data.sites import site_of
 
@@ -39,14 +40,6 @@ NATIVE_SYNTAXES = {
 }
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-# Header elements whose values, if they turn up inside free text, mark that text as identifying.
-PERSON_NAME_KEYWORDS = (
-    "PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
-    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
-    "NameOfPhysiciansReadingStudy", "RequestingPhysician", "PhysiciansOfRecord",
-)  # fmt: skip
-ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName")
-REDACTED = "<REDACTED>"
 _SINGLE_TEXT_VRS = frozenset({"CS", "LO", "SH"})
 
 
@@ -212,28 +205,6 @@ def _pixel_problem(path: str, ds, max_pixels: int) -> str | None:
         return size_problem(ds, max_pixels, f, available)
 
 
-def _identifying_words(ds) -> set[str]:
-    """Normalised words of this header's names and IDs (3+ characters; shorter ones are noise)."""
-    words = set()
-    text_ok = ascii_text_safe(ds)
-    for keyword in PERSON_NAME_KEYWORDS + ID_KEYWORDS:
-        # The raw text when it is plain ASCII: its "\\" between values and "^" between name
-        # parts become spaces below, so the words are those of pydicom's values, one by one.
-        text = raw_text(ds, keyword, text_ok)
-        if text is not None:
-            values = [text]
-        else:
-            value = ds.get(keyword)
-            if value is None:
-                continue
-            multi = (list, tuple, pydicom.multival.MultiValue)
-            values = value if isinstance(value, multi) else [value]
-        for v in values:
-            text = normalize_text(str(v).replace("^", " "), freetext=True)
-            words.update(w for w in text.split() if len(w) >= 3)
-    return words
-
-
 def single_text(ds, keyword: str, text_ok: bool) -> str:
     """str(ds.get(keyword, "") or "").strip(), straight from the raw bytes when they hold one
     printable ASCII value of a string VR (pydicom's conversion, which validates every UID with a
@@ -250,24 +221,6 @@ def single_text(ds, keyword: str, text_ok: bool) -> str:
             if text.isprintable() and "\\" not in text:
                 return text.strip()
     return str(ds.get(keyword, "") or "").strip()
-
-
-def redact_free_text(protocol: dict, ds, schema: Schema) -> dict:
-    """Free text that contains a name or ID from its own header is replaced by <REDACTED>.
-
-    The vocabulary's distinct-patient rule removes rare strings, but a name that recurs (a
-    radiographer's name typed into every series description) would pass it; this catches the
-    names the header itself declares.
-    """
-    words = _identifying_words(ds)
-    if not words:
-        return protocol
-    out = dict(protocol)
-    for field in schema.fields:
-        value = out.get(field.keyword)
-        if field.freetext and isinstance(value, str) and words & set(value.split()):
-            out[field.keyword] = REDACTED
-    return out
 
 
 def scan_file(
@@ -307,14 +260,19 @@ def _scan_file(root, path, schema, salt, site_from, site_names, max_pixels) -> S
             return ScanRecord(path=path, reason="no SOPInstanceUID (cannot identify the instance)")
         study = single_text(ds, "StudyInstanceUID", text_ok)
         series = single_text(ds, "SeriesInstanceUID", text_ok)
-        patient = single_text(ds, "PatientID", text_ok)
-        # Missing identity degrades to the next level up, each in its own namespace, so an
-        # instance without a PatientID is its own "patient" rather than everyone's.
+        # Missing identity degrades to the next level up, each in its own namespace.
         study = study or f"no-study:{series or sop}"
         series = series or f"no-series:{sop}"
-        patient_kind, patient = ("patient", patient) if patient else ("study-as-patient", study)
+        patient = single_text(ds, "PatientID", text_ok)
+        name = "" if patient else str(ds.get("PatientName", "") or "")
+        patient_kind, patient = patient_identity(patient, name)
         geometry = [g.to_json() for g in frame_geometry(ds)]
-        protocol = redact_free_text(read_protocol(ds, schema), ds, schema)
+        redactor = header_redactor(ds)
+        protocol = redactor.redact(read_protocol(ds, schema), schema)
+        # The modality goes to the table as it is (no K): one that repeats an identifier is OT.
+        modality = normalize_text(single_text(ds, "Modality", text_ok))
+        if not modality or redactor.identifying(modality, freetext=False):
+            modality = "OT"
         try:
             instance_number = int(ds.get("InstanceNumber")) if "InstanceNumber" in ds else None
         except (TypeError, ValueError):
@@ -326,7 +284,7 @@ def _scan_file(root, path, schema, salt, site_from, site_names, max_pixels) -> S
             study_key=hash_key(salt, "study", study),
             series_key=hash_key(salt, "series", series),
             instance_key=hash_key(salt, "instance", sop),
-            modality=normalize_text(single_text(ds, "Modality", text_ok)) or "OT",
+            modality=modality,
             manufacturer=protocol.get("Manufacturer"),
             n_frames=max(1, len(geometry)),
             protocol=protocol,

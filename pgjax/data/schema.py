@@ -28,7 +28,9 @@ class Field:
       or presence (only whether the element is present and non-empty, e.g. a contrast agent).
     freetext: the value is typed by people (descriptions, protocol names) and may carry
       identifiers; it is normalised and kept only if seen for enough distinct patients. Every
-      categorical value is subject to that rule; free-text ones are also normalised harder.
+      categorical value is subject to that rule, and to the redaction of values that repeat an
+      identifier of their header (pgjax/data/redaction.py); free-text ones are also normalised
+      harder (digits and punctuation go) and checked word by word against the header's IDs.
     transform: numeric only; "identity" or "log" (log1p, for positive quantities spanning decades).
     multi: how a multi-valued element becomes one value: "join" (categorical, joined with '\\'),
       "first" or "mean" (numeric).

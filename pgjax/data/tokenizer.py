@@ -129,8 +129,10 @@ class Vocabulary:
         """Fit on (patient_key, read_protocol output) pairs of the TRAINING split only.
 
         categorical: keep values seen for >= min_patients distinct patients.
-        numeric: `numeric_bins` quantile bins of the transformed values, counted per record
-          (equal edges are merged, so a constant field has one bin), and their mean and std.
+        numeric: up to `numeric_bins` quantile bins of the transformed values, counted per
+          record (a constant field has one bin), each holding at least min_patients patients,
+          with edges that are never one patient's value (see _fit_numeric), and their mean
+          and std.
         Memory grows with the distinct (field, value, patient) triples and numeric values.
         """
         if min_patients < 1:
@@ -171,7 +173,9 @@ class Vocabulary:
                 counts = tuple(len(value_patients[i].get(v, ())) for v in (ABSENT, PRESENT))
                 fv = FieldVocab(f, start, (ABSENT, PRESENT), counts)
             else:
-                fv = _fit_numeric(f, start, numbers[i], number_patients[i], numeric_bins)
+                fv = _fit_numeric(
+                    f, start, numbers[i], number_patients[i], numeric_bins, min_patients
+                )
             out.append(fv)
             start = fv.stop
         return cls(schema, out, min_patients=min_patients, numeric_bins=numeric_bins)
@@ -360,19 +364,54 @@ class Vocabulary:
 
 
 def _fit_numeric(
-    f: Field, start: int, numbers: list[float], patients: list[int], bins: int
+    f: Field, start: int, numbers: list[float], patients: list[int], bins: int, min_patients: int
 ) -> FieldVocab:
-    if not numbers:
+    """Quantile bins that are k-anonymous: every bin holds at least `min_patients` distinct
+    patients, and no edge is a value that fewer than max(min_patients, 2) patients had.
+
+    Bins are cut at the quantiles of the values, as np.quantile would (counted per record), but
+    a cut waits until its bin has enough patients, and a last bin short of them joins the one
+    before. The edge between two neighbouring values a < b is b when b is a shared value, else
+    the roundest number in (a, b) (e.g. 100 between 80 and 231.7), so a lone patient's weight
+    of 231.7 never appears as an edge. The outer edges (bin labels only) are rounded outwards
+    to one significant digit the same way. A field with fewer than `min_patients` patients in
+    all gets no bins at all (its values encode as UNK): its mean would be theirs.
+    """
+    n_patients = len(set(patients))
+    if not numbers or n_patients < min_patients:
         return FieldVocab(f, start, (), ())
     x = np.asarray(numbers, dtype=np.float64)
     order = np.argsort(x, kind="stable")
-    # Sorted first, so mean and quantiles do not depend on record order (float sums do).
+    # Sorted first, so mean and cuts do not depend on record order (float sums do).
     x, pid = x[order], np.asarray(patients, dtype=np.int64)[order]
-    edges = tuple(float(e) for e in np.unique(np.quantile(x, np.linspace(0.0, 1.0, bins + 1))))
+    values, first, counts = np.unique(x, return_index=True, return_counts=True)
+    # Distinct patients per distinct value.
+    value_index = np.repeat(np.arange(len(values)), counts)
+    n_pid = int(pid.max()) + 1
+    holders = np.bincount(_sorted_unique(value_index * n_pid + pid) // n_pid, minlength=len(values))
+    shared = max(min_patients, 2)
+    # Candidate cuts (indices into `values` where a bin starts): the first value at or after
+    # each quantile position. A cut is taken when the bin it closes has enough patients.
+    targets = [-(-(j + 1) * len(x) // bins) for j in range(bins - 1)]
+    candidates = sorted({int(i) for i in np.searchsorted(first, targets)} - {0, len(values)})
+    cuts: list[int] = []
+    for c in candidates:
+        lo = first[cuts[-1]] if cuts else 0
+        if len(_sorted_unique(pid[lo : first[c]])) >= min_patients:
+            cuts.append(c)
+    if cuts and len(_sorted_unique(pid[first[cuts[-1]] :])) < min_patients:
+        cuts.pop()  # the last bin is short of patients: it joins the one before
+    inner = [
+        values[i] if holders[i] >= shared else _round_between(f, values[i - 1], values[i])
+        for i in cuts
+    ]
+    lo = values[0] if holders[0] >= shared else _round_outward(f, values[0], -1)
+    hi = values[-1] if holders[-1] >= shared else _round_outward(f, values[-1], +1)
+    edges = tuple(float(e) for e in (lo, *inner, hi)) if hi != lo or inner else (float(lo),)
     token = np.searchsorted(np.asarray(edges[1:-1]), x, side="right")
     n_tokens = max(len(edges) - 1, 1)
-    pairs = np.unique(token * (int(pid.max()) + 1) + pid)
-    counts = np.bincount(pairs // (int(pid.max()) + 1), minlength=n_tokens)
+    pairs = _sorted_unique(token * n_pid + pid)
+    counts = np.bincount(pairs // n_pid, minlength=n_tokens)
     return FieldVocab(
         f,
         start,
@@ -382,6 +421,43 @@ def _fit_numeric(
         float(np.mean(x)),
         max(float(np.std(x)), STD_FLOOR),
     )
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """np.unique of integers by sorting (numpy's hash-based unique is slower on 1e6 values)."""
+    a = np.sort(a)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
+
+
+def _round_between(f: Field, a: float, b: float) -> float:
+    """The roundest number strictly between a < b (transformed units), in the field's own units:
+    the first multiple of 10^e, e falling, that lies in (a, b); their midpoint if none does."""
+    lo, hi = _inverse(f, a), _inverse(f, b)
+    if lo < hi:
+        top = math.floor(math.log10(max(abs(lo), abs(hi)))) + 1
+        for e in range(top, top - 17, -1):
+            step = 10.0**e
+            c = math.floor(hi / step) * step
+            if c >= hi:
+                c -= step
+            t = transform(f, c) if c > lo else None
+            if t is not None and a < t < b:
+                return t
+    return (a + b) / 2
+
+
+def _round_outward(f: Field, v: float, direction: int) -> float:
+    """v (transformed units) rounded to one significant digit away from the data, strictly
+    (direction -1: down, +1: up); 0 for a log field's lower bound (its domain starts there)."""
+    x = _inverse(f, v)
+    step = 10.0 ** math.floor(math.log10(abs(x))) if x else 1.0
+    c = (math.floor(x / step) if direction < 0 else math.ceil(x / step)) * step
+    if c == x:
+        c += direction * step
+    if f.transform == "log" and c < 0:
+        c = 0.0
+    t = transform(f, c)
+    return t if t is not None else v
 
 
 class _RecordChecker:

@@ -32,6 +32,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pgjax.data import store as st
@@ -204,6 +205,7 @@ def pull(
     overwrite: bool = False,
     compression: str = "zstd",
     log=print,
+    redact_words: Sequence[str] = (),
 ) -> PullResult:
     cfg = cfg or PreprocessConfig(site_from="fixed:pacs")
     schema = schema or Schema()
@@ -298,6 +300,7 @@ def pull(
         labels=labels,
         workers=workers,
         compression=compression,
+        redact_words=redact_words,
         overwrite=overwrite,
         earlier=earlier,
     )
