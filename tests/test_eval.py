@@ -774,9 +774,18 @@ def test_sweep_over_pretraining_seeds_resumes_and_reports_a_failed_instance(stor
                             "pretrain_seeds=0,1"])  # fmt: skip
     ablation.rows = tuple(r for r in ablation.rows if r["name"] in ("pg", "simclr"))
     ablation.overrides = ("input.global_batch=8", "checkpoint_every=2")
-    tasks = load_tasks_config(None, ["metrics.n_boot=20", "metrics.subgroup_boot=10"])
+    ablation.finetune = dict(rows=("pg", "random_init"), label_fractions=(1.0,))
+    tasks = load_tasks_config(None, ["metrics.n_boot=20", "metrics.subgroup_boot=10",
+                                     "finetune.steps=2", "finetune.eval_every=1"])  # fmt: skip
     result = run_sweep(ablation, str(store), tmp_path, tasks)
     assert result["failed"] == []
+    # The fine-tuning pass: its own predictions, only the rows it names, a finetune head.
+    tuned = read_csv(tmp_path / "eval_finetune" / "predictions.csv")
+    assert {r["model"] for r in tuned} == {"pg@0", "pg@1", "random_init@0", "random_init@1"}
+    assert {r["head"] for r in tuned} == {"finetune"}
+    tuned_rows = json.loads((tmp_path / "comparison_finetune.json").read_text())["results"]
+    assert {r["row"] for r in tuned_rows} == {"pg", "random_init"}
+    assert "| random_init | finetune | 100% |" in (tmp_path / "table_finetune.md").read_text()
     for row in ("pg", "simclr"):
         for k in (0, 1):
             config = json.loads((tmp_path / row / f"seed{k}" / "config.json").read_text())

@@ -59,6 +59,10 @@ def get_config(arg: str = ""):
     c.rows = tuple(
         dict(name=n, config=cfg, overrides=o, reference=ref) for n, cfg, o, ref in ROWS
     )
+    # Fine-tuning heads beside the linear probes (every run trains an encoder, so only these
+    # rows, at 10% and 20% labels): WORKDIR/eval_finetune/, table_finetune.md. Added before any
+    # result of this benchmark existed.
+    c.finetune = dict(rows=("pg", "simclr", "random_init"), label_fractions=(0.1, 0.2))
     c.primary = dict(
         split="external:ext_acquisition", head="linear", label_fraction=0.2, row="pg",
         versus="simclr", metric="auroc",

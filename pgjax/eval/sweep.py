@@ -12,6 +12,9 @@ An ablation file (configs/ablations/NAME.py) returns a ConfigDict:
   overrides       config overrides applied to every row ("KEY=VALUE" strings)
   rows            (name, config, overrides) dicts: config is "configs/NAME.py[:VARIANT]"; a row
                   may name its own `reference` (a ResNet group compared with a ResNet row)
+  finetune        optional dict(rows=..., label_fractions=...): fine-tuning heads for those rows
+                  (and "random_init") in a second evaluation, WORKDIR/eval_finetune/, with
+                  comparison_finetune.json and table_finetune.{md,csv}
 
 Each row pretrains once per pretraining seed k into WORKDIR/<name>/seed<k> (with the default
 pretrain_seeds=(0,): WORKDIR/<name>, as before seeds existed), resuming from its checkpoint; a
@@ -227,11 +230,47 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
     else:
         rows = comparison["results"]
         write_seed_table(workdir, comparison, ablation)
+    if ablation.get("finetune"):
+        finetune_pass(ablation, models, task, settings, store, workdir, rows_info, failed,
+                      seeds, labels=labels, salt_file=salt_file, reference=reference)  # fmt: skip
     summary = {"pretrain_seconds": round(pretrain_s, 1),
                "total_seconds": round(time.perf_counter() - started, 1),
                "failed": failed, "rows": len(rows)}  # fmt: skip
     (workdir / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
     return {"metrics": metrics, "table": rows, "comparison": comparison, **summary}
+
+
+def finetune_pass(ablation, models, task, settings, store, workdir: Path, rows_info, failed,
+                  seeds, *, labels=None, salt_file=None, reference=None) -> dict:
+    """Fine-tuning heads beside the linear probes, for the rows and label fractions the
+    ablation's `finetune` names (every run trains an encoder, so it is kept to those):
+    WORKDIR/eval_finetune/, comparison_finetune.json and table_finetune.{md,csv}."""
+    import dataclasses
+
+    from pgjax.eval.evaluate import evaluate
+    from pgjax.eval.report import read_predictions
+
+    ft = ablation.finetune
+    wanted = set(ft["rows"])
+    unknown = sorted(wanted - set(rows_info))
+    if unknown:
+        raise ValueError(f"ablation field finetune.rows: {unknown} are not trained rows of the "
+                         f"sweep ({sorted(rows_info)})")  # fmt: skip
+    chosen = [m for m in models if split_model_name(m.name)[0] in wanted]
+    task = dataclasses.replace(task, label_fractions=tuple(float(f) for f in ft["label_fractions"]))
+    # The reference rows are features, not encoders: nothing of theirs can be fine-tuned.
+    settings = dataclasses.replace(settings, heads=("finetune",), references=())
+    ref = reference if any(m.name == reference for m in chosen) else chosen[0].name
+    evaluate(chosen, task, store, workdir / "eval_finetune", settings, labels=labels,
+             salt_file=salt_file, reference=ref)  # fmt: skip
+    predictions = read_predictions(workdir / "eval_finetune" / "predictions.csv")
+    comparison = compare_sweep(predictions, {k: v for k, v in rows_info.items() if k in wanted},
+                               failed, n_boot=settings.n_boot,
+                               source="eval_finetune/predictions.csv")  # fmt: skip
+    comparison.update(task=task.name, pretrain_seeds=list(seeds), steps=int(ablation.steps))
+    (workdir / "comparison_finetune.json").write_text(json.dumps(comparison, indent=1) + "\n")
+    write_seed_table(workdir, comparison, ablation, stem="table_finetune")
+    return comparison
 
 
 # ------------------------------------------------------------------- multi-seed comparison
@@ -478,10 +517,10 @@ def _fmt_diff(d, key, lo, hi) -> str:
     return f"{d[key]:+.3f} [{d[lo]:+.3f}, {d[hi]:+.3f}]"
 
 
-def write_seed_table(workdir: Path, comparison: dict, ablation) -> None:
-    """table.csv and table.md of a multi-seed sweep: one line per row, split, head, fraction."""
+def write_seed_table(workdir: Path, comparison: dict, ablation, stem: str = "table") -> None:
+    """STEM.csv and STEM.md of a multi-seed sweep: one line per row, split, head, fraction."""
     rows = seed_table_rows(comparison)
-    with (workdir / "table.csv").open("w", newline="") as f:
+    with (workdir / f"{stem}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=SEED_TABLE_COLUMNS, lineterminator="\n")
         w.writeheader()
         for r in rows:
@@ -539,4 +578,4 @@ def write_seed_table(workdir: Path, comparison: dict, ablation) -> None:
         L.append("")
     L += ["Every number: `comparison.json`; per instance: `eval/report.md` and "
           "`eval/metrics.json`, all recomputable from `eval/predictions.csv`.", ""]  # fmt: skip
-    (workdir / "table.md").write_text("\n".join(L))
+    (workdir / f"{stem}.md").write_text("\n".join(L))
