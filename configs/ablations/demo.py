@@ -2,21 +2,22 @@
 
     pgjax sweep configs/ablations/demo.py --store pgjax-demo/store --workdir sweep-demo
 
-Tiny models (configs/NAME.py:tiny), 60 pretraining steps each; see pgjax/eval/sweep.py for the
-keys. `pgjax demo` runs the rows `pg`, `simclr` and `mae` of this list.
+The CPU recipe (configs/NAME.py:cpu: ResNet-mu encoders, MAE on ViT-mu/8), 60 pretraining steps
+each; see pgjax/eval/sweep.py for the keys. `pgjax demo` runs the rows `pg`, `simclr` and `mae`
+of this list on 64x64 images.
 """
 
 import ml_collections
 
 ROWS = (
-    ("pg", "configs/pg.py:tiny"),
-    ("pg_no_contrastive", "configs/pg_no_contrastive.py:tiny"),
-    ("pg_no_masked_protocol", "configs/pg_no_masked_protocol.py:tiny"),
-    ("pg_no_translation", "configs/pg_no_translation.py:tiny"),
-    ("simclr", "configs/simclr.py:tiny"),
-    ("mae", "configs/mae.py:tiny"),
-    ("dcm", "configs/dcm.py:tiny"),
-    ("ce_dcm", "configs/ce_dcm.py:tiny"),
+    ("pg", "configs/pg.py:cpu"),
+    ("pg_no_contrastive", "configs/pg_no_contrastive.py:cpu"),
+    ("pg_no_masked_protocol", "configs/pg_no_masked_protocol.py:cpu"),
+    ("pg_no_translation", "configs/pg_no_translation.py:cpu"),
+    ("simclr", "configs/simclr.py:cpu"),
+    ("mae", "configs/mae.py:cpu"),
+    ("dcm", "configs/dcm.py:cpu"),
+    ("ce_dcm", "configs/ce_dcm.py:cpu"),
 )
 
 
