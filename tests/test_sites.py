@@ -18,7 +18,10 @@ from pgjax.data.config import PreprocessConfig
 from pgjax.data.preprocess import preprocess
 from pgjax.data.sites import load_site_names, site_key
 
-CFG = PreprocessConfig(image_size=(16, 16), volume_shape=(8, 8, 8), min_patients=1)
+# Every patient of a training site in the train split: with two or three patients and a fresh
+# random salt, the patient-level split would now and then leave none to fit the vocabulary on.
+CFG = PreprocessConfig(image_size=(16, 16), volume_shape=(8, 8, 8), min_patients=1,
+                       split_fractions=(1.0, 0.0, 0.0))
 # Folder names that name a patient: none may reach the store.
 PATIENT_FOLDER = "DOE_JOHN"
 LOOSE_ROOT = "Smith_19250314"  # an input folder with files directly inside it
@@ -115,7 +118,8 @@ def test_cli_site_names(tmp_path):
     mapping.write_text(json.dumps({PATIENT_FOLDER: "east", "MRN4417": "west"}))
     cmd = [sys.executable, "-m", "pgjax.cli", "preprocess", str(tmp_path / "in"),
            "--out", str(tmp_path / "store"), "--workers", "1", "--min-patients", "1",
-           "--set", "image_size=16,16", "--site-names", str(mapping),
+           "--set", "image_size=16,16", "--set", "split_fractions=1,0,0",
+           "--site-names", str(mapping),
            "--external-sites", "west"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
