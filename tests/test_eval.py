@@ -767,6 +767,12 @@ def test_pretrain_seeds_are_checked_and_failed_instances_are_listed(tmp_path):
     a.reference = "nope"
     with pytest.raises(ValueError, match="ablation field reference: 'nope'"):
         check_references(a)
+    a.rows, a.reference = rows, "pg"
+    a.finetune = {"rows": ("pg", "random_init"), "label_fractions": (0.2,)}
+    check_references(a)
+    a.finetune = {"rows": ("simclr",), "label_fractions": (0.2,)}
+    with pytest.raises(ValueError, match="ablation field finetune.rows: 'simclr' is not a row"):
+        check_references(a)
 
 
 @pytest.mark.slow

@@ -154,6 +154,11 @@ def check_references(ablation) -> None:
     for field, ref in wanted:
         if ref not in names:
             raise ValueError(f"ablation field {field}: {ref!r} is not a row name ({names})")
+    # Checked before anything trains: the fine-tuning pass runs last.
+    for name in (ablation.get("finetune") or {}).get("rows", ()):
+        if name not in [*names, "random_init"]:
+            raise ValueError(f"ablation field finetune.rows: {name!r} is not a row name "
+                             f"({names} or 'random_init')")  # fmt: skip
 
 
 def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels=None,
