@@ -721,9 +721,27 @@ def test_sweep_comparison_aggregates_seeds_and_refuses_unfair_or_uninformative_r
     assert kinds["oracle"]["kind"] == "reference" and kinds["pg"]["kind"] == "sweep"
     assert kinds["simclr"]["failed"] == [{"model": "simclr@2", "reason": "RuntimeError: diverged"}]
 
+    # The registered primary metric, read the other way round from how it is stored (simclr
+    # against its reference pg), with the decision rule applied; one that does not exist says so.
+    from pgjax.eval.sweep import primary_result
+
+    want = dict(split="external:site_x", head="linear", label_fraction=0.2, row="pg",
+                versus="simclr", metric="auroc")  # fmt: skip
+    primary = primary_result(comparison, want)
+    stored = results[("simclr", "external:site_x")]["comparison"]["auroc"]
+    assert primary["diff"] == pytest.approx(-stored["diff"])
+    assert (primary["lo"], primary["hi"]) == pytest.approx((-stored["hi"], -stored["lo"]))
+    expected = ("better" if primary["lo"] > 0 else "worse" if primary["hi"] < 0
+                else "no difference detected")  # fmt: skip
+    assert primary["verdict"] == expected
+    missing = primary_result(comparison, {**want, "versus": "resnet"})
+    assert missing["verdict"] == "not computed" and "different image encoder" in missing["reason"]
+    comparison["primary"] = primary
+
     comparison.update(task="cardiomegaly", pretrain_seeds=[0, 1, 2])
     write_seed_table(tmp_path, comparison, ml_collections.ConfigDict({"steps": 5}))
     md = (tmp_path / "table.md").read_text()
+    assert f"**{expected}**" in md and "pg minus simclr on external:site_x" in md
     for text in ("## test split", "## external:site_x split", "| pg | linear | 20% | 60 (20) | 2 |",
                  "different image encoder", "- simclr@2: RuntimeError: diverged",
                  "not informative: noise@0 noise@1"):  # fmt: skip

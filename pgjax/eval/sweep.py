@@ -12,6 +12,9 @@ An ablation file (configs/ablations/NAME.py) returns a ConfigDict:
   overrides       config overrides applied to every row ("KEY=VALUE" strings)
   rows            (name, config, overrides) dicts: config is "configs/NAME.py[:VARIANT]"; a row
                   may name its own `reference` (a ResNet group compared with a ResNet row)
+  primary         optional dict(split, head, label_fraction, row, versus, metric): the
+                  registered primary metric, row minus versus, with its decision rule applied
+                  (comparison.json "primary", the first line of table.md)
   finetune        optional dict(rows=..., label_fractions=...): fine-tuning heads for those rows
                   (and "random_init") in a second evaluation, WORKDIR/eval_finetune/, with
                   comparison_finetune.json and table_finetune.{md,csv}
@@ -222,6 +225,8 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
                                source="eval/predictions.csv")  # fmt: skip
     comparison.update(task=metrics["task"], pretrain_seeds=list(seeds),
                       steps=int(ablation.steps))  # fmt: skip
+    if ablation.get("primary"):
+        comparison["primary"] = primary_result(comparison, ablation.primary)
     (workdir / "comparison.json").write_text(json.dumps(comparison, indent=1) + "\n")
     if seeds == (0,):
         # The single-seed table's Δ is the evaluation's paired DeLong against the reference: not
@@ -522,6 +527,48 @@ def _fmt_diff(d, key, lo, hi) -> str:
     return f"{d[key]:+.3f} [{d[lo]:+.3f}, {d[hi]:+.3f}]"
 
 
+def primary_result(comparison: dict, primary) -> dict:
+    """The registered primary metric, read from a comparison: `primary` names split, head,
+    label_fraction, row, versus and metric (an ablation's `primary`), and the registered
+    decision rule is applied to row minus versus: better if its interval lies above 0, worse if
+    below, otherwise no difference detected at this power."""
+    want = dict(primary)
+    row, versus, metric = want["row"], want["versus"], want["metric"]
+    reasons = []
+    for r in comparison["results"]:
+        if (r["split"], r["head"], r["label_fraction"]) != (
+            want["split"], want["head"], float(want["label_fraction"])
+        ):
+            continue
+        # A difference is stored on the compared row against its reference: either way round.
+        if (r["row"], r["reference"]) == (row, versus):
+            sign = 1.0
+        elif (r["row"], r["reference"]) == (versus, row):
+            sign = -1.0
+        else:
+            continue
+        c = (r["comparison"] or {}).get(metric)
+        if c is None:
+            reasons.append(r["not_compared"] or "no comparison")
+            continue
+        lo, hi = sorted((sign * c["lo"], sign * c["hi"]))
+        verdict = ("better" if lo > 0 else "worse" if hi < 0 else "no difference detected")
+        return {**want, "diff": sign * c["diff"], "lo": lo, "hi": hi, "p_value": c["p_value"],
+                "verdict": verdict}  # fmt: skip
+    return {**want, "diff": None, "verdict": "not computed",
+            "reason": "; ".join(reasons) or "no such comparison"}  # fmt: skip
+
+
+def primary_lines(p: dict) -> list[str]:
+    what = (f"{p['metric']} of {p['row']} minus {p['versus']} on {p['split']}, {p['head']} "
+            f"head, {float(p['label_fraction']):.0%} labels")  # fmt: skip
+    if p["diff"] is None:
+        return [f"**Primary metric (registered)**: {what}: not computed ({p['reason']}).", ""]
+    return [f"**Primary metric (registered)**: {what}: {p['diff']:+.3f} [{p['lo']:+.3f}, "
+            f"{p['hi']:+.3f}], p {fmt_p(p['p_value'])}: **{p['verdict']}** (decision rule: "
+            "better if the interval lies above 0, worse if below).", ""]  # fmt: skip
+
+
 def write_seed_table(workdir: Path, comparison: dict, ablation, stem: str = "table") -> None:
     """STEM.csv and STEM.md of a multi-seed sweep: one line per row, split, head, fraction."""
     rows = seed_table_rows(comparison)
@@ -539,9 +586,12 @@ def write_seed_table(workdir: Path, comparison: dict, ablation, stem: str = "tab
          "resamples) over pretraining seeds and patients, so seed-to-seed spread counts as "
          "uncertainty (a DeLong test on one seed treats the encoder as fixed). Rows with "
          "another image encoder than their reference are not compared; instances whose "
-         "internal-test AUROC interval contains 0.5 are marked not informative, and a row "
+         "internal-test AUROC interval does not lie above 0.5 are marked not informative, and "
+         "a row "
          "whose every instance is, is not compared. Reference rows added by the evaluation "
          "(one instance, no @seed) have no Δ.", ""]  # fmt: skip
+    if comparison.get("primary"):
+        L += primary_lines(comparison["primary"])
     arch = {r["row"]: r["image_encoder"] for r in comparison["rows"] if r["image_encoder"]}
     if len(set(arch.values())) > 1:
         L += ["Image encoders: " + "; ".join(f"{k}: {v}" for k, v in arch.items()), ""]
