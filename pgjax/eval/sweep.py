@@ -401,7 +401,7 @@ def _why_not(row, ref, datas, gates, rows_info) -> str | None:
                 f"({ref}); compare within an architecture")  # fmt: skip
     for name in (row, ref):
         if len(gates[name]) == len(datas[name].models):
-            return f"{name} is not informative (internal test AUROC interval contains 0.5)"
+            return f"{name} is not informative (internal test AUROC interval not above 0.5)"
     return None
 
 
