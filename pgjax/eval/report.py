@@ -207,6 +207,19 @@ def worst_stratum(table: dict) -> dict:
             "lo": a["lo"], "hi": a["hi"], "n": ok[g]["n"], "n_pos": ok[g]["n_pos"]}  # fmt: skip
 
 
+def gate_status(lo, hi, missing: str = "n/a") -> tuple[str, str | None]:
+    """GATE_RULE on one internal-test interval: ("informative", None) when it lies above 0.5,
+    else ("not informative", why). The one place the rule is applied (metrics.json's gate and
+    the sweep's comparison both call it)."""
+    if lo is None:
+        return "not informative", f"no internal test interval ({missing})"
+    if lo > 0.5:
+        return "informative", None
+    if hi < 0.5:
+        return "not informative", "internal test interval below 0.5"
+    return "not informative", "internal test interval contains 0.5"
+
+
 def gate_runs(runs: list[dict]) -> dict[tuple, dict]:
     """{(model, head, fraction): {"status", "auroc", "lo", "hi", "reason"}} from the first
     seed's internal test run; see GATE_RULE."""
@@ -217,18 +230,10 @@ def gate_runs(runs: list[dict]) -> dict[tuple, dict]:
             a = r["overall"].get("auroc") or {}
             entry = {"seed": r["seed"], "auroc": a.get("value"), "lo": a.get("lo"),
                      "hi": a.get("hi")}  # fmt: skip
-            if a.get("lo") is None:
-                entry.update(
-                    status="not informative",
-                    reason=f"no internal test interval ({a.get('reason', 'n/a')})",
-                )
-            elif a["lo"] > 0.5:
-                entry["status"] = "informative"
-            elif a["hi"] < 0.5:
-                entry.update(status="not informative", reason="internal test interval below 0.5")
-            else:
-                entry.update(status="not informative", reason="internal test interval contains "
-                             "0.5")  # fmt: skip
+            status, reason = gate_status(a.get("lo"), a.get("hi"), a.get("reason", "n/a"))
+            entry["status"] = status
+            if reason:
+                entry["reason"] = reason
             out[key] = entry
     for r in runs:
         key = (r["model"], r["head"], r["label_fraction"])

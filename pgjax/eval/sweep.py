@@ -292,6 +292,7 @@ def _gate(models, test: dict) -> list[str]:
     above 0.5, so they are not informative whatever their other splits say. `test`:
     predictions columns of the test split, one head and label fraction."""
     from pgjax.eval import metrics as M
+    from pgjax.eval.report import gate_status
 
     out = []
     for model in models:
@@ -301,10 +302,10 @@ def _gate(models, test: dict) -> list[str]:
         first = sel & (test["seed"] == test["seed"][sel].min())
         try:
             ci = M.delong_ci(test["label"][first], test["prob"][first])
+            lo, hi = ci.lo, ci.hi
         except ValueError:  # one class in the test split: no interval, so no evidence either
-            out.append(model)
-            continue
-        if not ci.lo > 0.5:
+            lo = hi = None
+        if gate_status(lo, hi)[0] != "informative":
             out.append(model)
     return out
 
