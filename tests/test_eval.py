@@ -897,3 +897,56 @@ def test_sweep_command_rejects_bad_pretrain_seeds_clearly(tmp_path, capsys):
     assert "ablation field pretrain_seeds: expected distinct non-negative integers" in (
         capsys.readouterr().err
     )
+
+
+def test_sweep_reuses_a_finished_evaluation_only_when_nothing_it_read_changed(tmp_path):
+    """A sweep resumed after a stop in its fine-tuning pass keeps the linear evaluation it
+    finished; a change of models, settings, task, checkpoints or store evaluates again."""
+    import dataclasses
+    import os
+
+    from pgjax.eval.embed import Model
+    from pgjax.eval.evaluate import EvalSettings
+    from pgjax.eval.sweep import finished_evaluation
+    from pgjax.eval.tasks import TaskSpec
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text("{}")
+    wd = tmp_path / "pg" / "seed0"
+    (wd / "checkpoints" / "300").mkdir(parents=True)
+    models = [Model("pg@0", wd), Model("random_init@0", wd, random_init=True)]
+    task = TaskSpec(name="t", label="y")
+    settings = EvalSettings()
+    out = tmp_path / "eval"
+    out.mkdir()
+    context = {
+        "models": [{"name": m.name, "workdir": str(m.workdir), "random_init": m.random_init}
+                   for m in models],
+        "store": str(store), "task": dataclasses.asdict(task),
+        "settings": dataclasses.asdict(settings),
+    }  # fmt: skip
+    (out / "context.json").write_text(json.dumps(context, default=str))
+    (out / "metrics.json").write_text(json.dumps({"runs": [1]}))
+    old = (out / "metrics.json").stat().st_mtime - 100
+    for p in (wd / "checkpoints" / "300", store / "manifest.json"):
+        os.utime(p, (old, old))
+
+    def again(**kw):
+        args = dict(models=models, task=task, store=store, settings=settings) | kw
+        return finished_evaluation(out, args["models"], args["task"], args["store"],
+                                   args["settings"], log=lambda *_: None)  # fmt: skip
+
+    assert again() == {"runs": [1]}
+    assert again(models=models[:1]) is None
+    assert again(settings=dataclasses.replace(settings, n_boot=settings.n_boot + 1)) is None
+    assert again(task=dataclasses.replace(task, name="other")) is None
+    assert again(store=tmp_path / "elsewhere") is None
+    os.utime(store / "manifest.json")  # the store was rebuilt after the evaluation
+    assert again() is None
+    os.utime(store / "manifest.json", (old, old))
+    os.utime(wd / "checkpoints" / "300")  # a newer checkpoint
+    assert again() is None
+    (wd / "checkpoints" / "300").rmdir()
+    (out / "metrics.json").unlink()  # stopped before its metrics were written
+    assert again() is None

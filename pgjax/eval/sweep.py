@@ -214,8 +214,10 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
             "image_encoder": rows_info[ref_row]["image_encoder"],
         }  # fmt: skip
     pretrain_s = time.perf_counter() - started
-    metrics = evaluate(models, task, store, workdir / "eval", settings, labels=labels,
-                       salt_file=salt_file, reference=reference)  # fmt: skip
+    metrics = finished_evaluation(workdir / "eval", models, task, store, settings, log)
+    if metrics is None:
+        metrics = evaluate(models, task, store, workdir / "eval", settings, labels=labels,
+                           salt_file=salt_file, reference=reference)  # fmt: skip
     from pgjax.eval.report import read_predictions
 
     predictions = read_predictions(workdir / "eval" / "predictions.csv")
@@ -250,6 +252,40 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
     return {"metrics": metrics, "table": rows, "comparison": comparison, **summary}
 
 
+def finished_evaluation(out: Path, models, task, store, settings, log=print) -> dict | None:
+    """The metrics of an evaluation already written to `out` for exactly these models, task,
+    store and settings, with no checkpoint newer than it; else None. A resumed sweep (or
+    `--eval-only` after a stop in the fine-tuning pass) then does not redo it."""
+    import dataclasses
+
+    metrics_file, context_file = out / "metrics.json", out / "context.json"
+    if not (metrics_file.is_file() and context_file.is_file()):
+        return None
+    context = json.loads(context_file.read_text())
+
+    def canon(x):
+        return json.loads(json.dumps(x, default=str))
+
+    wanted = [{"name": m.name, "workdir": str(m.workdir), "random_init": m.random_init}
+              for m in models]  # fmt: skip
+    have = [{k: m.get(k) for k in ("name", "workdir", "random_init")}
+            for m in context.get("models", [])]  # fmt: skip
+    same = (have == wanted and context.get("store") == str(store)
+            and canon(context.get("task")) == canon(dataclasses.asdict(task))
+            and canon(context.get("settings")) == canon(dataclasses.asdict(settings)))  # fmt: skip
+    written = metrics_file.stat().st_mtime
+    newer = [m.name for m in models if not m.random_init
+             and any(p.stat().st_mtime > written
+                     for p in (Path(m.workdir) / "checkpoints").glob("*"))]  # fmt: skip
+    newer += [name for name in ("manifest.json", "vocab.json")  # a rebuilt store
+              if (Path(store) / name).is_file() and (Path(store) / name).stat().st_mtime > written]
+    if not same or newer:
+        return None
+    log(f"[sweep] {out.name}: already evaluated for these models and settings "
+        f"({metrics_file.name} kept; delete it to evaluate again)")
+    return json.loads(metrics_file.read_text())
+
+
 def finetune_pass(ablation, models, task, settings, store, workdir: Path, rows_info, failed,
                   seeds, *, labels=None, salt_file=None, reference=None) -> dict:
     """Fine-tuning heads beside the linear probes, for the rows and label fractions the
@@ -271,8 +307,9 @@ def finetune_pass(ablation, models, task, settings, store, workdir: Path, rows_i
     # The reference rows are features, not encoders: nothing of theirs can be fine-tuned.
     settings = dataclasses.replace(settings, heads=("finetune",), references=())
     ref = reference if any(m.name == reference for m in chosen) else chosen[0].name
-    evaluate(chosen, task, store, workdir / "eval_finetune", settings, labels=labels,
-             salt_file=salt_file, reference=ref)  # fmt: skip
+    if finished_evaluation(workdir / "eval_finetune", chosen, task, store, settings) is None:
+        evaluate(chosen, task, store, workdir / "eval_finetune", settings, labels=labels,
+                 salt_file=salt_file, reference=ref)  # fmt: skip
     predictions = read_predictions(workdir / "eval_finetune" / "predictions.csv")
     comparison = compare_sweep(predictions, {k: v for k, v in rows_info.items() if k in wanted},
                                failed, n_boot=settings.n_boot,
