@@ -433,3 +433,67 @@ def test_training_starts_from_the_checkpoint(store, tmp_path):
     record = json.loads((tmp_path / "w" / "init_from.json").read_text())
     assert record == json.loads(json.dumps(want_record))
     assert str(tmp_path) not in json.dumps(record)  # the file by name only
+
+
+# ---------------------------------------------------------------------------------------------
+# Without pretraining: an ablation's `transfer` row
+
+
+def transfer_ablation(checkpoint, **kw):
+    import ml_collections
+
+    rows = (dict(name="simclr", config="configs/simclr.py:tiny", overrides=()),)
+    transfer = dict(checkpoint=None if checkpoint is None else str(checkpoint), config=None,
+                    overrides=(), **kw)  # fmt: skip
+    return ml_collections.ConfigDict(dict(rows=rows, overrides=(), reference="simclr",
+                                          transfer=transfer))  # fmt: skip
+
+
+def test_transfer_row_embeds_with_the_checkpoint_and_is_skipped_without_one(store, tmp_path):
+    from pgjax.data.store import open_array
+    from pgjax.eval.embed import cached_embeddings
+    from pgjax.eval.sweep import check_references, transfer_row
+
+    ref = torch_vit(input_shape=(32, 32), patch=(8, 8), width=64, mlp_dim=256)
+    path = save_safetensors(with_head(ref.state_dict(), 64), tmp_path / "vit_mu.safetensors")
+    log = []
+    row, failed, skipped = transfer_row(transfer_ablation(path), str(store), tmp_path / "sweep",
+                                        "simclr", log.append)  # fmt: skip
+    assert failed == skipped == []
+    model, info = row
+    assert model.transfer and model.name == "transfer" and info["reference"] == "simclr"
+    assert info["config"] == ("(transfer: vit_mu.safetensors into configs/simclr.py:tiny, "
+                              "no pretraining)")  # fmt: skip
+    assert "vit_mu/8 (width 64)" == info["image_encoder"]["label"]
+    assert json.loads((tmp_path / "sweep" / "transfer" / "init_from.json").read_text())["loaded"]
+    # The row's features are the torch model's on the store's images (as RGB).
+    rows = np.arange(4)
+    emb, _ = cached_embeddings(model, store, rows, tmp_path / "cache", batch=4)
+    pixels = open_array(store / "images" / "pixels")[rows].read().result()
+    x = pixels.astype(np.float32) / (255.0 if pixels.dtype == np.uint8 else 65535.0)
+    np.testing.assert_allclose(emb["image"], torch_features(ref, x), atol=1e-4, rtol=0)
+    assert any("[sweep] transfer: " in m and "vit_mu.safetensors" in m for m in log)
+
+    # A checkpoint that does not fit: a failed row naming the parameter, the sweep goes on.
+    small = torch_vit(input_shape=(32, 32), patch=(8, 8)).state_dict()
+    small = save_safetensors(small, tmp_path / "small.safetensors")
+    row, failed, skipped = transfer_row(transfer_ablation(small), str(store), tmp_path / "s2",
+                                        "simclr", log.append)  # fmt: skip
+    assert row is None and skipped == [] and [n for n, _ in failed] == ["transfer"]
+    assert "patch_embed/kernel" in failed[0][1] and "[8, 8, 1, 32] vs model [8, 8, 1, 64]" in (
+        failed[0][1]
+    )  # fmt: skip
+    # No checkpoint: skipped with the reason; no transfer field: nothing at all.
+    assert transfer_row(transfer_ablation(None), str(store), tmp_path / "s3", "simclr") == (
+        None, [], [("transfer", "skipped: no checkpoint given (ablation field "
+                                "transfer.checkpoint)")],
+    )  # fmt: skip
+    bare = transfer_ablation(None)
+    del bare["transfer"]
+    assert transfer_row(bare, str(store), tmp_path / "s4", "simclr") == (None, [], [])
+    with pytest.raises(ValueError, match="ablation field transfer: unknown keys"):
+        transfer_row(transfer_ablation(path, checkpint="x"), str(store), tmp_path, "simclr")
+    clash = transfer_ablation(path)
+    clash.rows = (*clash.rows, dict(name="transfer", config="configs/pg.py:tiny"))
+    with pytest.raises(ValueError, match="'transfer' is the transfer row's name"):
+        check_references(clash)
