@@ -183,6 +183,20 @@ def test_timm_resnet_loads_and_matches_torch(tmp_path):
     assert record["stem"] == "conv1.weight: 3 input channels summed into 1"
 
 
+def test_resnet_mismatches_use_the_files_names(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save(as_timm_resnet(torch_resnet().state_dict()), path)
+    x = grey((1, 32, 32))
+    deeper = ResNet(stage_sizes=(1, 1, 1), block="bottleneck", width=8)
+    with pytest.raises(ValueError, match=r"layer3_0/norm1/scale \(checkpoint name "
+                       r"layer3\.0\.bn1\.weight\)"):  # fmt: skip
+        load(path, deeper, x)
+    wider = ResNet(stage_sizes=(1, 1), block="bottleneck", width=16)
+    with pytest.raises(ValueError, match=r"norm1/scale \(checkpoint name bn1\.weight\): "
+                       r"checkpoint \[8\] vs model \[16\]"):  # fmt: skip
+        load(path, wider, x)
+
+
 def test_real_timm_vit_loads_and_matches(tmp_path):
     """Where timm imports: its own VisionTransformer (pretrained=False) written by torch."""
     timm = pytest.importorskip("timm")

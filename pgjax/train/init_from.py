@@ -351,9 +351,20 @@ def match(state: dict[str, np.ndarray], variables: dict, arch: dict, spec: InitS
         renamed = timm_resnet_names(state)
         origin = dict(zip(renamed, state, strict=True))
         state = renamed
+
+    def named(name: str) -> str:  # as the file names it (a missing one: as timm would)
+        if name in origin:
+            return origin[name]
+        if kind == "resnet" and layout == "timm":
+            name = re.sub(r"(^|\.)norm(\d)\.", r"\1bn\2.", name)
+            return name.replace("downsample_conv", "downsample.0").replace(
+                "downsample_norm", "downsample.1"
+            )
+        return name
+
     drop = [k for k in state if k.startswith(HEADS[kind]) or k.endswith("num_batches_tracked")]
     state = {k: v for k, v in state.items() if k not in set(drop)}
-    record["dropped"] = sorted(origin.get(k, k) for k in drop)
+    record["dropped"] = sorted(named(k) for k in drop)
     rules = convert.vit(arch, torch="") if kind == "vit" else convert.resnet(arch, torch="")
 
     loaded: dict[tuple, np.ndarray] = {}
@@ -365,16 +376,16 @@ def match(state: dict[str, np.ndarray], variables: dict, arch: dict, spec: InitS
         if want is None:  # the rules and the module disagree: a pgjax bug, not the file's
             raise KeyError(f"the image encoder has no parameter {where}")
         if r.torch not in state:
-            missing.append(f"{where} (checkpoint name {r.torch})")
+            missing.append(f"{where} (checkpoint name {named(r.torch)})")
             continue
         x = state[r.torch]
         if r.torch in STEMS and x.ndim >= 3 and x.shape[1] != want[-2]:
             try:
                 x = reduce_stem(x, want[-2], spec.stem)
             except ValueError as e:
-                mismatched.append(f"{r.torch}: {e}")
+                mismatched.append(f"{named(r.torch)}: {e}")
                 continue
-            record["stem"] = (f"{r.torch}: {state[r.torch].shape[1]} input channels "
+            record["stem"] = (f"{named(r.torch)}: {state[r.torch].shape[1]} input channels "
                               f"{'summed' if spec.stem == 'sum' else 'averaged'} into "
                               f"{want[-2]}")  # fmt: skip
         if r.torch == "pos_embed" and tuple(x.shape) != want:
@@ -397,12 +408,12 @@ def match(state: dict[str, np.ndarray], variables: dict, arch: dict, spec: InitS
                                    "antialiased")  # fmt: skip
         y = convert._to_flax_layout(np.asarray(x, np.float32), r.kind)
         if tuple(y.shape) != want:
-            mismatched.append(f"{where} (checkpoint name {r.torch}): checkpoint "
+            mismatched.append(f"{where} (checkpoint name {named(r.torch)}): checkpoint "
                               f"{_shape(y.shape)} vs model {_shape(want)}")  # fmt: skip
             continue
         loaded[leaf] = np.ascontiguousarray(y)
     used = {r.torch for r in rules}
-    extra = sorted(origin.get(k, k) for k in state if k not in used)
+    extra = sorted(named(k) for k in state if k not in used)
     if mismatched:
         raise ValueError("checkpoint shapes do not fit the image encoder (shapes in the model's "
                          "layout): " + "; ".join(mismatched))  # fmt: skip
