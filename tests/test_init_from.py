@@ -424,28 +424,29 @@ def store(tmp_path_factory):
 
 
 def test_training_starts_from_the_checkpoint(store, tmp_path):
-    """One step at the warm-up's zero learning rate: the checkpoint's image encoder is the
-    imported one, and WORKDIR/init_from.json records the import."""
-    from pgjax.train import checkpoint as ckpt
+    """`pgjax train` with init.from: the state it starts from holds the imported encoder, and
+    WORKDIR/init_from.json records the import. (max_steps=0: the state is created and
+    returned, no step is compiled.)"""
     from pgjax.train.config_lib import load_config
     from pgjax.train.train import train
 
     # vit_mu/8 on 32x32 images (grid 4x4) from a checkpoint trained on a 2x2 grid.
     ref = torch_vit(input_shape=(16, 16), patch=(8, 8), width=64, mlp_dim=256)
     path = save_safetensors(with_head(ref.state_dict(), 64), tmp_path / "vit_mu.safetensors")
-    base = [f"input.store={store}", "input.global_batch=8", "total_steps=2", "log_every=1",
-            "checkpoint_every=1"]  # fmt: skip
-    config = load_config(REPO / "configs" / "simclr.py:tiny", [*base, f"init.from={path}"])
-    train(config, tmp_path / "w", max_steps=1)
-    params = ckpt.load_state(tmp_path / "w")[0]["params"]["image_encoder"]
+    config = load_config(
+        REPO / "configs" / "simclr.py:tiny",
+        [f"input.store={store}", "input.global_batch=8", f"init.from={path}"],
+    )
+    state = train(config, tmp_path / "w", max_steps=0)
+    params = state["params"]["image_encoder"]
     module = ViT(**{**VIT, "width": 64, "mlp_dim": 256}, patch_size=(8, 8))
-    x = grey((2, 32, 32))
-    variables, want_record, _ = load(path, module, x)
+    variables, want_record, _ = load(path, module, grey((2, 32, 32)))
     for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(variables["params"]),
                          jax.tree.leaves(params), strict=True):  # fmt: skip
         np.testing.assert_array_equal(np.asarray(b), a, err_msg=jax.tree_util.keystr(p))
     record = json.loads((tmp_path / "w" / "init_from.json").read_text())
     assert record == json.loads(json.dumps(want_record))
+    assert record["pos_embed"].startswith("2x2 grid (+1 class) -> 4x4 (+1 class)")
     assert str(tmp_path) not in json.dumps(record)  # the file by name only
 
 
