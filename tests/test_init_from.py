@@ -197,8 +197,10 @@ def test_resnet_mismatches_use_the_files_names(tmp_path):
         load(path, wider, x)
 
 
-def test_real_timm_vit_loads_and_matches(tmp_path):
-    """Where timm imports: its own VisionTransformer (pretrained=False) written by torch."""
+def test_real_timm_models_load_and_match(tmp_path):
+    """Where timm imports: its own VisionTransformer and ResNet-18 (pretrained=False) written
+    by torch. (Run by hand with timm 1.0.31 and tools/check_timm_layout.py's import stubs: both
+    agree to 2e-7.)"""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16,
@@ -216,6 +218,27 @@ def test_real_timm_vit_loads_and_matches(tmp_path):
         want = model.forward_head(model.forward_features(rgb), pre_logits=True).numpy()
     np.testing.assert_allclose(flax_features(module, variables, x), want, atol=1e-4, rtol=0)
     assert record["dropped"] == ["head.bias", "head.weight"]
+
+    # timm's ResNet-18, its BatchNorm statistics random too.
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    with torch.no_grad():
+        for name, t in resnet.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand_like(t) + 0.5)
+            elif t.is_floating_point():
+                t.copy_(torch.randn_like(t) * 0.05)
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    x = grey((2, 32, 32))
+    module = ResNet(stage_sizes=(2, 2, 2, 2), block="basic", width=64)
+    variables, record, _ = load(tmp_path / "resnet18.pth", module, x)
+    with torch.no_grad():
+        rgb = torch.from_numpy(x)[:, None].repeat(1, 3, 1, 1)
+        want = resnet.forward_head(resnet.forward_features(rgb), pre_logits=True).numpy()
+    np.testing.assert_allclose(flax_features(module, variables, x), want, atol=1e-4, rtol=0)
+    assert record["dropped"] == ["bn1.num_batches_tracked", "fc.bias", "fc.weight"] + [
+        f"layer{s}.{i}.{bn}.num_batches_tracked" for s in range(1, 5) for i in range(2)
+        for bn in ("bn1", "bn2", *(("downsample.1",) if s > 1 and i == 0 else ()))
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
