@@ -648,6 +648,64 @@ def test_sweep_writes_one_table_with_reference_comparisons(store, tmp_path):
     assert result["failed"] == []
 
 
+@pytest.mark.slow
+def test_sweep_transfer_row_from_a_checkpoint_and_skipped_without_one(store, tmp_path):
+    """The `transfer` row: the reference's encoder (resnet_mu) loaded from a timm-layout file
+    written by torch, probed without pretraining and compared with the reference; rerun
+    without a checkpoint, the row is skipped and the reason is in every output."""
+    import re
+
+    import torch
+
+    from pgjax.commands.eval import load_tasks_config
+    from pgjax.eval.sweep import run_sweep
+    from pgjax.export import modeling_pgjax as tm
+    from pgjax.train.config_lib import load_config
+
+    torch.manual_seed(0)
+    resnet = tm.ResNet(stage_sizes=(1, 1, 1, 1), block="basic", width=16, input_shape=(32, 32),
+                       in_chans=3)  # fmt: skip
+    state = {}
+    for k, v in resnet.state_dict().items():  # timm's names: bnN, downsample.0/.1
+        k = re.sub(r"(^|\.)norm(\d)\.", r"\1bn\2.", k)
+        state[k.replace("downsample_conv", "downsample.0").replace("downsample_norm",
+                                                                   "downsample.1")] = v
+    state["fc.weight"], state["fc.bias"] = torch.zeros(10, 128), torch.zeros(10)
+    checkpoint = tmp_path / "resnet_mu.pth"
+    torch.save(state, checkpoint)
+
+    ablation = load_config(REPO / "configs" / "ablations" / "demo.py",
+                           ["steps=2", "seeds=0,", "label_fractions=1.0,",
+                            f"transfer.checkpoint={checkpoint}"])  # fmt: skip
+    ablation.rows = tuple(r for r in ablation.rows if r["name"] == "pg")
+    ablation.overrides = ("input.global_batch=8", "checkpoint_every=2")
+    tasks = load_tasks_config(None, ["metrics.n_boot=20", "metrics.subgroup_boot=10"])
+    result = run_sweep(ablation, str(store), tmp_path / "w", tasks)
+    assert result["failed"] == [] and result["skipped"] == []
+    assert "transfer" in {r["model"] for r in read_csv(tmp_path / "w" / "table.csv")}
+    assert "| transfer | linear | 100% |" in (tmp_path / "w" / "table.md").read_text()
+    comparison = json.loads((tmp_path / "w" / "comparison.json").read_text())
+    row = next(r for r in comparison["rows"] if r["row"] == "transfer")
+    assert row["kind"] == "sweep" and row["reference"] == "pg"
+    assert row["config"] == "(transfer: resnet_mu.pth into configs/pg.py:cpu, no pretraining)"
+    assert any(r["row"] == "transfer" and r["reference"] == "pg" for r in comparison["results"])
+    report = (tmp_path / "w" / "eval" / "report.md").read_text()
+    assert "**transfer**: published weights in the image encoder (init.from), no pretraining" \
+        in report  # fmt: skip
+
+    ablation.transfer.checkpoint = None
+    again = run_sweep(ablation, str(store), tmp_path / "w", tasks, eval_only=True)
+    reason = "skipped: no checkpoint given (ablation field transfer.checkpoint)"
+    assert again["skipped"] == [("transfer", reason)] and again["failed"] == []
+    assert f"- transfer: {reason}" in (tmp_path / "w" / "table.md").read_text()
+    sweep = json.loads((tmp_path / "w" / "sweep.json").read_text())
+    assert sweep["skipped"] == [["transfer", reason]]
+    comparison = json.loads((tmp_path / "w" / "comparison.json").read_text())
+    assert comparison["skipped"] == [["transfer", reason]]
+    predictions = read_csv(tmp_path / "w" / "eval" / "predictions.csv")
+    assert "transfer" not in {r["model"] for r in predictions}
+
+
 # ---------------------------------------------------------------------------------------------
 # Sweeps over pretraining seeds (fast: no training; the slow test below trains)
 

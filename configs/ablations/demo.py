@@ -35,4 +35,8 @@ def get_config(arg: str = ""):
     c.pretrain_seeds = (0,)
     c.overrides = ()
     c.rows = tuple(dict(name=n, config=cfg, overrides=()) for n, cfg in ROWS)
+    # The transfer baseline: the reference's encoder loaded from published weights (a local
+    # timm-layout or big_vision file; --set transfer.checkpoint=FILE) and probed without
+    # pretraining. Without a checkpoint the row is skipped, with the reason in the outputs.
+    c.transfer = dict(checkpoint=None, config=None, overrides=())
     return c

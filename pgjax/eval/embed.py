@@ -1,4 +1,5 @@
-"""Frozen embeddings of store items from a pretraining checkpoint (or a random init of its model).
+"""Frozen embeddings of store items from a pretraining checkpoint (or a random init of its model,
+or that init with published weights loaded into its image encoder: a transfer model).
 
 The image encoder runs in eval mode (no dropout, running statistics) through
 `Objective.embed_images`, jitted once: every batch is padded to the same size, so one compiled
@@ -24,12 +25,18 @@ from pgjax.data.store import open_array, open_store
 
 @dataclasses.dataclass
 class Model:
-    """A model under evaluation: a pretraining workdir's checkpoint, or a random init of it."""
+    """A model under evaluation: a pretraining workdir's checkpoint, or a random init of it.
+
+    transfer: no pretraining; the workdir holds a config only, and the image encoder is loaded
+    from its `init.from` (published weights, pgjax/train/init_from.py) over a random init with
+    `init_seed` (what the checkpoint does not cover, with init.strict=False).
+    """
 
     name: str
     workdir: Path
     random_init: bool = False
     init_seed: int = 0
+    transfer: bool = False
 
     @property
     def config(self) -> ml_collections.ConfigDict:
@@ -83,8 +90,11 @@ class Embedder:
         self.objective = build_objective(config, ProtocolInfo.from_vocabulary(vocab), None)
         self.has_protocol = "protocol_encoder" in self.objective.parts and self.protocol_ok
         self.step = None
-        if model.random_init:
+        self.init_record = None
+        if model.random_init or model.transfer:
             self.variables = self._random_variables()
+            if model.transfer:
+                self.variables, self.init_record = self._transfer(self.variables)
         else:
             from pgjax.train.checkpoint import load_state
 
@@ -115,6 +125,18 @@ class Embedder:
             for col, tree in v.items():
                 variables.setdefault(col, {})[name] = tree
         return variables
+
+    def _transfer(self, variables: dict) -> tuple[dict, dict]:
+        from pgjax.train import init_from
+
+        spec = init_from.InitSpec.from_config(self.config)
+        if spec is None:
+            raise ValueError(f"{self.model.name}: a transfer model needs init.from in its config "
+                             f"({self.model.workdir.name}/config.json)")  # fmt: skip
+        module = self.objective.parts["image_encoder"]
+        shape = self.read(np.zeros(1, dtype=np.int64))["image"].shape
+        return init_from.load_part(spec, variables, module,
+                                   grid=init_from.patch_grid(module, shape))  # fmt: skip
 
     # ------------------------------------------------------------------------------ reading
 
@@ -176,10 +198,12 @@ def cached_embeddings(
         "store": store_fingerprint(store),
         "group": group,
         "rows": hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()[:16],
-        "step": None if model.random_init else _latest_step(model.workdir),
+        "step": None if model.random_init or model.transfer else _latest_step(model.workdir),
         "random_init": model.random_init,
         "init_seed": model.init_seed,
     }
+    if model.transfer:  # the weights' content, so that another file is not served from cache
+        key["transfer"] = transfer_key(model)
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
             if json.loads(str(z["key"])) == key:
@@ -190,6 +214,18 @@ def cached_embeddings(
     np.savez(tmp, key=json.dumps(key), **out)
     tmp.replace(path)  # atomic: a killed run leaves no half-written cache
     return out, embedder
+
+
+def transfer_key(model: Model) -> dict:
+    from pgjax.train import init_from
+
+    spec = init_from.InitSpec.from_config(model.config)
+    if spec is None:
+        raise ValueError(f"{model.name}: a transfer model needs init.from in its config")
+    if not spec.path.is_file():
+        raise FileNotFoundError(f"{spec.path}: no such checkpoint file (config field init.from)")
+    return {"sha256_16": init_from.file_digest(spec.path), "strict": spec.strict,
+            "stem": spec.stem, "prefix": spec.prefix, "format": spec.format}  # fmt: skip
 
 
 def _latest_step(workdir: Path) -> int:

@@ -212,6 +212,7 @@ def evaluate(
                 "name": m.name,
                 "workdir": str(m.workdir),
                 "random_init": m.random_init,
+                "transfer": m.transfer,
                 "objectives": _objectives(m),
             }
             for m in models
@@ -241,6 +242,8 @@ def evaluate(
 def _objectives(model: Model) -> list[str]:
     if model.random_init:
         return ["(random init)"]
+    if model.transfer:
+        return ["(transfer: no pretraining)"]
     objectives = model.config.objectives
     return [n for n in objectives if float(objectives[n].get("weight", 0.0)) > 0]
 

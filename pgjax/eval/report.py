@@ -646,6 +646,8 @@ def render_report(metrics: dict, context: dict, figures: dict) -> str:
         what = (
             "random initialisation of the reference architecture"
             if m["random_init"]
+            else "published weights in the image encoder (init.from), no pretraining"
+            if m.get("transfer")
             else ("objectives " + ", ".join(m["objectives"]))
         )
         L.append(f"- **{m['name']}**: {what} (`{m['workdir']}`)")

@@ -18,6 +18,13 @@ An ablation file (configs/ablations/NAME.py) returns a ConfigDict:
   finetune        optional dict(rows=..., label_fractions=...): fine-tuning heads for those rows
                   (and "random_init") in a second evaluation, WORKDIR/eval_finetune/, with
                   comparison_finetune.json and table_finetune.{md,csv}
+  transfer        optional dict(checkpoint, config, overrides): the row `transfer`, an encoder
+                  loaded from published weights (a local timm-layout or big_vision file, see
+                  pgjax/train/init_from.py) and probed without pretraining, compared with the
+                  reference. config: "configs/NAME.py[:VARIANT]" for its architecture, default
+                  the reference row's config and overrides. Without a checkpoint the row is
+                  skipped, and the reason is listed in sweep.json ("skipped"), comparison.json
+                  and under the table.
 
 Each row pretrains once per pretraining seed k into WORKDIR/<name>/seed<k> (with the default
 pretrain_seeds=(0,): WORKDIR/<name>, as before seeds existed), resuming from its checkpoint; a
@@ -134,6 +141,63 @@ def pretrain_rows(
     return done, failed
 
 
+TRANSFER = "transfer"
+
+
+def transfer_row(ablation, store: str, workdir: Path, ref_row: str, log=print):
+    """The ablation's `transfer` row: ((Model, rows_info entry) or None, failed, skipped), the
+    last two [(name, reason)]: failed when its checkpoint does not load into its encoder,
+    skipped when no checkpoint is given; all empty without a `transfer` field.
+
+    WORKDIR/transfer/config.json is the config the row is evaluated with (its `init` block
+    names the checkpoint); nothing is trained. The load is tried here, so that a checkpoint
+    that does not fit is reported while the sweep goes on.
+    """
+    from pgjax.eval.embed import Embedder, Model
+    from pgjax.train.config_lib import load_config
+
+    spec = ablation.get("transfer")
+    if not spec:
+        return None, [], []
+    spec = dict(spec)
+    unknown = sorted(set(spec) - {"checkpoint", "config", "overrides"})
+    if unknown:
+        raise ValueError(f"ablation field transfer: unknown keys {unknown} (known: checkpoint, "
+                         "config, overrides)")  # fmt: skip
+    if not spec.get("checkpoint"):
+        reason = "skipped: no checkpoint given (ablation field transfer.checkpoint)"
+        log(f"[sweep] {TRANSFER}: {reason}")
+        return None, [], [(TRANSFER, reason)]
+    ref = next(r for r in ablation.rows if r["name"] == ref_row)
+    config_spec = spec.get("config") or ref["config"]
+    own = tuple(spec.get("overrides") or ()) if spec.get("config") else tuple(
+        ref.get("overrides", ())
+    )  # fmt: skip
+    checkpoint = Path(str(spec["checkpoint"]))
+    wd = workdir / TRANSFER
+    try:
+        config = load_config(resolve_config_path(config_spec),
+                             [f"input.store={store}", *ablation.get("overrides", ()), *own,
+                              f"init.from={checkpoint.resolve()}"])  # fmt: skip
+        wd.mkdir(parents=True, exist_ok=True)
+        (wd / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+        model = Model(TRANSFER, wd, transfer=True)
+        record = Embedder(model, store).init_record
+        (wd / "init_from.json").write_text(json.dumps(record, indent=1) + "\n")
+    except Exception as e:  # a checkpoint that does not fit must not stop the sweep
+        reason = f"{type(e).__name__}: {e}"
+        log(f"[sweep] {TRANSFER}: FAILED, {reason}")
+        wd.mkdir(parents=True, exist_ok=True)
+        (wd.parent / f"{wd.name}.error.txt").write_text(traceback.format_exc())
+        return None, [(TRANSFER, reason)], []
+    from pgjax.train.init_from import summary
+
+    log(f"[sweep] {TRANSFER}: {summary(record)}")
+    what = f"(transfer: {checkpoint.name} into {config_spec}, no pretraining)"
+    info = {"reference": ref_row, "image_encoder": image_encoder_of(config), "config": what}
+    return (model, info), [], []
+
+
 def image_encoder_of(config) -> dict:
     """{"key": what must match for two rows to be compared, "label": name and width}."""
     from pgjax.models import build_image_encoder
@@ -151,6 +215,9 @@ def image_encoder_of(config) -> dict:
 def check_references(ablation) -> None:
     """The ablation's `reference` and every row's own `reference` name a row of the list."""
     names = [r["name"] for r in ablation.rows]
+    if ablation.get("transfer") and TRANSFER in names:
+        raise ValueError(f"ablation field rows: {TRANSFER!r} is the transfer row's name; rename "
+                         "the row")  # fmt: skip
     wanted = [("reference", ablation.reference)]
     wanted += [(f"rows[{i}].reference", r["reference"])
                for i, r in enumerate(ablation.rows) if "reference" in r]  # fmt: skip
@@ -158,10 +225,11 @@ def check_references(ablation) -> None:
         if ref not in names:
             raise ValueError(f"ablation field {field}: {ref!r} is not a row name ({names})")
     # Checked before anything trains: the fine-tuning pass runs last.
+    extra = ["random_init", *([TRANSFER] if ablation.get("transfer") else [])]
     for name in (ablation.get("finetune") or {}).get("rows", ()):
-        if name not in [*names, "random_init"]:
+        if name not in [*names, *extra]:
             raise ValueError(f"ablation field finetune.rows: {name!r} is not a row name "
-                             f"({names} or 'random_init')")  # fmt: skip
+                             f"({names} or {extra})")  # fmt: skip
 
 
 def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels=None,
@@ -204,6 +272,11 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
                 "image_encoder": image_encoder_of(load_workdir_config(by_row[row["name"]][0])),
                 "config": row["config"],
             }
+    transfer, transfer_failed, skipped = transfer_row(ablation, store, workdir, ref_row, log)
+    failed = [*failed, *transfer_failed]  # a checkpoint that does not load: like a failed row
+    if transfer is not None:
+        models.append(transfer[0])
+        rows_info[TRANSFER] = transfer[1]
     if ablation.get("random_init", True):
         # Any trained instance of the reference serves: only its config (architecture) is read.
         for k in seeds:
@@ -223,10 +296,10 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
     predictions = read_predictions(workdir / "eval" / "predictions.csv")
     # Named relative to the workdir: reasons land in comparison.json, and a path can name a
     # person or a site.
-    comparison = compare_sweep(predictions, rows_info, failed, n_boot=settings.n_boot,
+    comparison = compare_sweep(predictions, rows_info, [*failed, *skipped], n_boot=settings.n_boot,
                                source="eval/predictions.csv")  # fmt: skip
     comparison.update(task=metrics["task"], pretrain_seeds=list(seeds),
-                      steps=int(ablation.steps))  # fmt: skip
+                      steps=int(ablation.steps), skipped=[list(x) for x in skipped])  # fmt: skip
     if ablation.get("primary"):
         comparison["primary"] = primary_result(comparison, ablation.primary)
     (workdir / "comparison.json").write_text(json.dumps(comparison, indent=1) + "\n")
@@ -238,7 +311,7 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
                  for name, info in rows_info.items()
                  if info["image_encoder"]["key"] != ref_arch["key"]}  # fmt: skip
         rows = table_rows(metrics, other)
-        write_table(workdir, rows, metrics, failed, ablation, other)
+        write_table(workdir, rows, metrics, [*failed, *skipped], ablation, other)
     else:
         rows = comparison["results"]
         write_seed_table(workdir, comparison, ablation)
@@ -247,7 +320,7 @@ def run_sweep(ablation, store: str, workdir: str | Path, tasks_config, *, labels
                       seeds, labels=labels, salt_file=salt_file, reference=reference)  # fmt: skip
     summary = {"pretrain_seconds": round(pretrain_s, 1),
                "total_seconds": round(time.perf_counter() - started, 1),
-               "failed": failed, "rows": len(rows)}  # fmt: skip
+               "failed": failed, "skipped": skipped, "rows": len(rows)}  # fmt: skip
     (workdir / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
     return {"metrics": metrics, "table": rows, "comparison": comparison, **summary}
 
@@ -526,7 +599,7 @@ def write_table(workdir: Path, rows: list[dict], metrics: dict, failed, ablation
               + "; ".join(f"{k}: {v}" for k, v in not_comparable.items())
               + "). Compare within an architecture.", ""]  # fmt: skip
     if failed:
-        L += ["Rows not in the table (failed or not trained):", ""]
+        L += ["Rows not in the table (failed, skipped or not trained):", ""]
         L += [f"- {name}: {reason}" for name, reason in failed]
         L.append("")
     L += ["Full report: `eval/report.md`; every number: `eval/metrics.json`, recomputable from "
@@ -665,8 +738,8 @@ def write_seed_table(workdir: Path, comparison: dict, ablation, stem: str = "tab
         L.append("")
     missing = [(f["model"], f["reason"]) for row in comparison["rows"] for f in row["failed"]]
     if missing:
-        L += ["Instances not in the table (failed or not trained); their rows are summarised "
-              "over the instances that remain:", ""]  # fmt: skip
+        L += ["Instances not in the table (failed, skipped or not trained); their rows are "
+              "summarised over the instances that remain:", ""]  # fmt: skip
         L += [f"- {name}: {reason}" for name, reason in missing]
         L.append("")
     L += ["Every number: `comparison.json`; per instance: `eval/report.md` and "

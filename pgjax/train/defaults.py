@@ -72,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
         final_lr_ratio=0.01,
         disc_lr=2e-4,  # CE+DCM discriminator (Adam, as in Pathak et al.)
     )
+    # Published weights for the image encoder before pretraining (pgjax/train/init_from.py):
+    # `from` a local timm-layout .safetensors/.pt/.pth/.bin or big_vision .npz; `format` auto
+    # (by suffix); `strict` refuses unmatched parameters; `stem` sums (or averages) an RGB stem
+    # into the one channel; `prefix` selects a sub-model's entries (e.g. "visual.trunk.").
+    c.init = {"from": None, "format": "auto", "strict": True, "stem": "sum", "prefix": ""}
     c.total_steps = 100_000
     c.mesh = dict(data=-1, fsdp=1)
     # (regex on the parameter path, rule): see pgjax/train/mesh.py.

@@ -25,6 +25,7 @@ import optax
 
 from pgjax.progress import Progress
 from pgjax.train import checkpoint as ckpt
+from pgjax.train import init_from
 from pgjax.train import mesh as mesh_lib
 from pgjax.train.input_pipeline import InputConfig, make_iterator, to_global
 from pgjax.train.objectives import ProtocolInfo, build_objective
@@ -329,6 +330,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, max_steps: 
         state, data_state = ckpt.restore(manager, manager.latest_step(), abstract, shardings)
     else:
         state = create_state(s, example, shardings)
+        # Published weights for the image encoder (config.init.from); a resumed run has them
+        # in its checkpoint already.
+        state = init_from.initialise_state(state, config, s.objective, example, workdir)
     start = int(state["step"])
     it = ckpt.positioned_iterator(s.input_cfg, data_state, start)
 
