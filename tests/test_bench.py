@@ -15,7 +15,7 @@ from pgjax.bench.report import write_report
 def test_preprocess_bench_writes_a_record_and_the_report_reads_it(tmp_path):
     real_corpus(tmp_path / "dicom")
     results = tmp_path / "benchmarks" / "results"
-    path = bench_preprocess([tmp_path / "dicom"], 0, [1], results, rounds=2)
+    path = bench_preprocess([tmp_path / "dicom"], 0, [1, 2], results, rounds=2)
     record = json.loads(Path(path).read_text())
     assert record["benchmark"] == "preprocess"
     assert record["machine"]["cores"] >= 1 and record["machine"]["versions"]["pydicom"]
@@ -23,6 +23,12 @@ def test_preprocess_bench_writes_a_record_and_the_report_reads_it(tmp_path):
     assert w1["decode_only_files_per_s"] > 0 and w1["pipeline_files_per_s"] > 0
     assert set(w1["pipeline_s"]) == {"scan", "plan", "pixels", "finalize", "total"}
     assert len(w1["ratio_per_round"]) == 2 and len(w1["pipeline_s_per_round"]) == 2
+    w2 = record["figures"]["workers_2"]
+    assert set(w2["speedup_over_1_worker"]) == set(w1["pipeline_s"])
+    assert (
+        w2["speedup_over_1_worker"]["total"]
+        == w1["pipeline_s"]["total"] / w2["pipeline_s"]["total"]
+    )
     report = write_report(results).read_text()
     assert "| 1 |" in report and record["time_utc"] in report
 
