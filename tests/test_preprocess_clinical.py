@@ -108,3 +108,10 @@ def test_fast_paths_write_the_store_the_plain_path_writes(corpus, tmp_path, monk
     table = pp.st.read_csv_columns(fast / "images" / "table.csv")
     assert len(table["row"]) > 0 and all(int(v) == 1 for v in table["ok"])
     assert np.asarray(pp.st.open_array(fast / "images" / "pixels").read().result()).std() > 0
+
+
+def test_synth_command_refuses_bad_clinical_settings(tmp_path, capsys):
+    from pgjax.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "c"), "--clinical", "1"]) == 2
+    assert "patients must be >= 2" in capsys.readouterr().err
