@@ -115,3 +115,27 @@ def test_synth_command_refuses_bad_clinical_settings(tmp_path, capsys):
 
     assert main(["synth", "--out", str(tmp_path / "c"), "--clinical", "1"]) == 2
     assert "patients must be >= 2" in capsys.readouterr().err
+
+
+def test_one_pool_per_run_survives_a_crashed_worker(tmp_path):
+    """The pool the phases share: a unit that kills its worker is reported, the units in flight
+    with it are run again, and the next phase gets a working pool."""
+    from crashing_unit import crash_on_three
+
+    from pgjax.progress import Progress
+
+    pool = pp.WorkerPool(2)
+    try:
+        crashed = pp.run_units(
+            crash_on_three, range(6), (str(tmp_path),), 2, Progress(6, "test", "units"),
+            pool=pool,
+        )  # fmt: skip
+        assert crashed == [(3, "worker crashed (hostile or corrupt file)")]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2", "4", "5"]
+        crashed = pp.run_units(
+            crash_on_three, [6, 7], (str(tmp_path),), 2, Progress(2, "test", "units"),
+            pool=pool,
+        )  # fmt: skip
+        assert crashed == [] and (tmp_path / "6").exists() and (tmp_path / "7").exists()
+    finally:
+        pool.close()
