@@ -368,7 +368,7 @@ def _value_table(
     offsets = np.subtract(frames, lo, dtype=np.intp)
     out = np.empty(frames.shape, dtype=table.dtype)
     for k in range(len(frames)):
-        np.take(table[k], offsets[k], out=out[k], mode="clip")  # in range: no check copy
+        np.take(table[k], offsets[k], out=out[k])
     return out, needs_scaling
 
 
