@@ -312,54 +312,6 @@ def test_projection_voi_lut_sequence():
     np.testing.assert_allclose(normalize_frames(stored, ds, CFG)[0], expected, atol=1e-6)
 
 
-def _table_cases():
-    """(dataset, stored frames) pairs that take each branch of the grey-value chain."""
-    ct = read("CT_small.dcm")
-    ect = read("eCT_Supplemental.dcm")
-    transform = Dataset()
-    transform.RescaleSlope, transform.RescaleIntercept = 2, -1000
-    ect.PerFrameFunctionalGroupsSequence[1].PixelValueTransformationSequence = Sequence([transform])
-    mr = read("MR_small.dcm")
-    window = as_projection("MR_small.dcm", WindowCenter=[600, 100], WindowWidth=[500, 50])
-    sigmoid = as_projection("MR_small.dcm", WindowCenter=600, WindowWidth=500)
-    sigmoid.VOILUTFunction = "SIGMOID"
-    no_voi = as_projection("MR_small.dcm")
-    del no_voi.WindowCenter, no_voi.WindowWidth
-    vlut = read("vlut_04.dcm")
-    vlut.Modality = "CR"
-    mlut = read("mlut_18.dcm")
-    return [(ds, decode_frames(ds)) for ds in (ct, ect, mr, window, sigmoid, no_voi, vlut, mlut)]
-
-
-def test_value_table_equals_the_direct_chain_bit_for_bit(monkeypatch):
-    """Normalisation through a table of every stored value gives the same float32 bits as
-    the chain of modality LUT, window and VOI LUT applied to each pixel."""
-    cases = _table_cases()
-    tabled = []
-    for ds, stored in cases:
-        # A wide value range in a small test image: lower the bar so the table is used.
-        monkeypatch.setattr(pixels, "_TABLE_MIN_PIXELS_PER_ENTRY", 0)
-        assert pixels._value_table(stored, ds, CFG, None) is not None
-        tabled.append(normalize_frames(stored, ds, CFG))
-    # Selected frames of an enhanced object keep their own per-frame rescale.
-    ect, ect_stored = cases[1]
-    selected = normalize_frames(ect_stored[1:2], ect, CFG, indices=[1])
-    monkeypatch.setattr(pixels, "_value_table", lambda *args: None)
-    for (ds, stored), got in zip(cases, tabled, strict=True):
-        expected = normalize_frames(stored, ds, CFG)
-        assert got.dtype == expected.dtype == np.float32
-        np.testing.assert_array_equal(got, expected)
-    np.testing.assert_array_equal(selected, normalize_frames(ect_stored[1:2], ect, CFG, [1]))
-
-
-def test_value_table_is_skipped_when_it_would_not_pay():
-    ds = read("CT_small.dcm")
-    stored = decode_frames(ds)  # 128 x 128 values spread over a wider range than 4096
-    wide = stored.astype(np.int32) * 64
-    assert pixels._value_table(wide, ds, CFG, None) is None
-    assert pixels._value_table(stored.astype(np.float32), ds, CFG, None) is None
-
-
 def percentile_scaled(values: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(values, CFG.percentiles)
     return np.clip((values - lo) / (hi - lo), 0, 1)

@@ -333,52 +333,6 @@ def _values01_or_raw(
         return _display_grey(frames)
     if modality == "US":
         return _display_grey(frames)
-    lut = _value_table(frames, ds, cfg, indices)
-    if lut is not None:
-        return lut
-    return _grey_values(frames, ds, cfg, indices, modality)
-
-
-# Integer frames with at least this many pixels per possible stored value go through a table.
-_TABLE_MIN_PIXELS_PER_ENTRY = 4
-
-
-def _value_table(
-    frames: np.ndarray, ds: Dataset, cfg: PreprocessConfig, indices: Sequence[int] | None
-) -> tuple[np.ndarray, bool] | None:
-    """`_grey_values` through a lookup table, or None when a table would not pay.
-
-    Every step of `_grey_values` (modality LUT or rescale, window, VOI LUT, NaN clean-up) maps
-    each stored value on its own, so computing it once per possible stored value, per frame,
-    and indexing gives the same float32 values bit for bit, in one gather instead of several
-    float64/float32 passes over a large image. tests/test_pixels.py compares both ways.
-    """
-    if frames.dtype.kind not in "iu" or frames.ndim != 3 or frames.size == 0:
-        return None
-    lo, hi = int(frames.min()), int(frames.max())
-    entries = hi - lo + 1
-    if frames[0].size < _TABLE_MIN_PIXELS_PER_ENTRY * entries:
-        return None
-    # One row of the table per frame: [F, 1, entries], each frame's own header values.
-    domain = np.broadcast_to(np.arange(lo, hi + 1, dtype=frames.dtype), (len(frames), 1, entries))
-    table, needs_scaling = _grey_values(
-        np.ascontiguousarray(domain), ds, cfg, indices, _modality(ds)
-    )
-    table = table.reshape(len(frames), entries)
-    offsets = np.subtract(frames, lo, dtype=np.intp)
-    out = np.empty(frames.shape, dtype=table.dtype)
-    for k in range(len(frames)):
-        np.take(table[k], offsets[k], out=out[k])
-    return out, needs_scaling
-
-
-def _grey_values(
-    frames: np.ndarray,
-    ds: Dataset,
-    cfg: PreprocessConfig,
-    indices: Sequence[int] | None,
-    modality: str,
-) -> tuple[np.ndarray, bool]:
     values = _finite(modality_values(frames, ds, indices))
     if modality == "CT":
         center, width = cfg.ct_window
