@@ -90,8 +90,8 @@ def _build(corpus_dir: Path, store: Path, salt: Path, workers: int = 1) -> Path:
 
 
 def test_fast_paths_write_the_store_the_plain_path_writes(corpus, tmp_path, monkeypatch):
-    """Hand-over of multi-frame rows, value tables, one pool per run (2 workers) against every
-    image unit decoding its own rows and normalising pixel by pixel: the same store."""
+    """Hand-over of multi-frame rows and one pool per run (2 workers) against every image unit
+    decoding its own rows, one process: the same store."""
     out, _ = corpus
     salt = tmp_path / "salt"
     fast = _build(out, tmp_path / "fast", salt, workers=2)
@@ -100,7 +100,6 @@ def test_fast_paths_write_the_store_the_plain_path_writes(corpus, tmp_path, monk
     multi = [r for r in handed if r["frame"] > 0]  # rows of enhanced multi-frame objects
     assert multi and len({r["path"] for r in multi}) >= 2
     monkeypatch.setattr(pp, "_load_slices", lambda *args: {})
-    monkeypatch.setattr(pixels, "_value_table", lambda *args: None)
     plain = _build(out, tmp_path / "plain", salt)
     assert _compare_stores()(plain, fast) == []
     report = json.loads((fast / "report.json").read_text())
