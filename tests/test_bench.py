@@ -15,7 +15,7 @@ from pgjax.bench.report import write_report
 def test_preprocess_bench_writes_a_record_and_the_report_reads_it(tmp_path):
     real_corpus(tmp_path / "dicom")
     results = tmp_path / "benchmarks" / "results"
-    path = bench_preprocess([tmp_path / "dicom"], 0, [1], results, rounds=2)
+    path = bench_preprocess([tmp_path / "dicom"], 0, [1, 2], results, rounds=2)
     record = json.loads(Path(path).read_text())
     assert record["benchmark"] == "preprocess"
     assert record["machine"]["cores"] >= 1 and record["machine"]["versions"]["pydicom"]
@@ -23,8 +23,47 @@ def test_preprocess_bench_writes_a_record_and_the_report_reads_it(tmp_path):
     assert w1["decode_only_files_per_s"] > 0 and w1["pipeline_files_per_s"] > 0
     assert set(w1["pipeline_s"]) == {"scan", "plan", "pixels", "finalize", "total"}
     assert len(w1["ratio_per_round"]) == 2 and len(w1["pipeline_s_per_round"]) == 2
+    w2 = record["figures"]["workers_2"]
+    assert set(w2["speedup_over_1_worker"]) == set(w1["pipeline_s"])
+    assert (
+        w2["speedup_over_1_worker"]["total"]
+        == w1["pipeline_s"]["total"] / w2["pipeline_s"]["total"]
+    )
     report = write_report(results).read_text()
     assert "| 1 |" in report and record["time_utc"] in report
+
+
+def test_clinical_preset_records_each_syntax_and_what_the_mix_lacks(tmp_path, capsys):
+    from pgjax.synth.clinical import ClinicalSettings
+
+    tiny = ClinicalSettings(
+        patients=2, ct_size=32, ct_slices=8, enhanced_frames=8, radiograph_shape=(60, 48),
+        mr_sizes=(32,), mr_slices=8,
+    )  # fmt: skip
+    results = tmp_path / "results"
+    path = bench_preprocess(
+        None, 0, [1], results, rounds=1, preset="clinical", clinical_settings=tiny
+    )
+    record = json.loads(Path(path).read_text())
+    figures = record["figures"]
+    assert record["settings"]["preset"] == "clinical"
+    assert record["settings"]["clinical_corpus"]["ct_size"] == 32
+    syntaxes = figures["by_syntax"]
+    assert {"explicit_le", "rle", "deflated"} <= set(syntaxes)
+    assert set(syntaxes) | set(figures["syntaxes_lacking"]) == {
+        "explicit_le", "jpeg_lossless_sv1", "jpeg_ls", "jpeg2000_lossless", "rle", "deflated",
+    }  # fmt: skip
+    assert sum(s["files"] for s in syntaxes.values()) == figures["files"]
+    for part in [figures, *syntaxes.values()]:
+        f = part["workers_1"]
+        assert f["decode_only_mb_per_s"] > 0 and f["pipeline_mb_per_s"] > 0
+        assert set(f["pipeline_s"]) == {"scan", "plan", "pixels", "finalize", "total"}
+        assert len(f["load_average_1min_per_round"]) == 1
+    printed = capsys.readouterr().out
+    for name in figures["syntaxes_lacking"]:
+        assert f"not in the mix: {name}" in printed
+    report = write_report(results).read_text()
+    assert "| clinical: rle |" in report and "| clinical |" in report
 
 
 def test_preprocess_bench_on_an_empty_folder_says_so_and_writes_no_record(tmp_path, capsys):

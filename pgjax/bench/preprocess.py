@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import os
 import shutil
 import tempfile
 import time
@@ -50,73 +51,150 @@ def decode_only(paths: list[str], workers: int) -> float:
 
 
 def pipeline(inputs: list[Path], store: Path, workers: int, cfg) -> dict[str, float]:
-    """Seconds per preprocessing phase, into a new store."""
+    """Seconds per preprocessing phase, into a new store: one run, as `pgjax preprocess`
+    makes it (one pool of workers for all phases)."""
     from pgjax.data.preprocess import preprocess
 
     times = {}
-    for phase in ("scan", "plan", "pixels", "finalize"):
-        start = time.perf_counter()
-        preprocess(
-            inputs, store, cfg=cfg, workers=workers, phases=[phase],
-            salt_file=store.parent / "salt",
-        )  # fmt: skip
-        times[phase] = time.perf_counter() - start
-    times["total"] = sum(times.values())
+    start = time.perf_counter()
+    preprocess(inputs, store, cfg=cfg, workers=workers, salt_file=store.parent / "salt",
+               timings=times)  # fmt: skip
+    times["total"] = time.perf_counter() - start
     return times
 
 
-def run_bench(
-    inputs: list[Path] | None, studies: int, workers_list: list[int], out_dir, rounds: int = 3
-) -> Path:
-    from pgjax.data.config import PreprocessConfig
+def measure(inputs: list[Path], workers: int, cfg, workdir: Path, rounds: int) -> dict:
+    """Decode-only and the pipeline on the files under `inputs`, `rounds` times alternately."""
     from pgjax.data.preprocess import default_private
     from pgjax.data.scan import list_files
 
+    paths = [p for _, p in list_files(inputs)]
+    megabytes = sum(Path(p).stat().st_size for p in paths) / 1e6
+    dec, times, loads = [], [], []
+    for r in range(rounds):
+        # Page cache warm for both: the corpus was just written or the first round reads it.
+        loads.append(os.getloadavg()[0])
+        dec.append(decode_only(paths, workers))
+        store = workdir / f"store-w{workers}-r{r}"
+        times.append(pipeline(inputs, store, workers, cfg))
+        shutil.rmtree(default_private(store), ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
+    ratios = [d / t["total"] for d, t in zip(dec, times, strict=True)]
+    med = {k: float(np.median([t[k] for t in times])) for k in times[0]}
+    decode_s = float(np.median(dec))
+    return {
+        "decode_only_s": decode_s,
+        "decode_only_files_per_s": len(paths) / decode_s,
+        "decode_only_mb_per_s": megabytes / decode_s,
+        "pipeline_s": med,
+        "pipeline_files_per_s": len(paths) / med["total"],
+        "pipeline_mb_per_s": megabytes / med["total"],
+        "ratio_pipeline_to_decode_only": float(np.median(ratios)),
+        "decode_only_s_per_round": dec,
+        "pipeline_s_per_round": times,
+        "ratio_per_round": ratios,
+        "load_average_1min_per_round": loads,
+    }
+
+
+def _summary_line(label: str, w: int, f: dict) -> str:
+    return (
+        f"{label} workers={w}: pydicom decode-only {f['decode_only_files_per_s']:.1f} files/s "
+        f"{f['decode_only_mb_per_s']:.1f} MB/s, pipeline {f['pipeline_files_per_s']:.1f} "
+        f"files/s {f['pipeline_mb_per_s']:.1f} MB/s (median ratio "
+        f"{f['ratio_pipeline_to_decode_only']:.2f}, rounds "
+        + ", ".join(f"{x:.2f}" for x in f["ratio_per_round"])
+        + "); phases "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in f["pipeline_s"].items() if k != "total")
+    )
+
+
+PRESETS = ("small", "clinical")
+
+
+def _add_scaling(part: dict, workers_list: list[int]) -> None:
+    """Per phase and in total, the time with 1 worker over the time with w (the speed-up)."""
+    if 1 not in workers_list:
+        return
+    one = part["workers_1"]["pipeline_s"]
+    for w in workers_list:
+        if w > 1:
+            times = part[f"workers_{w}"]["pipeline_s"]
+            part[f"workers_{w}"]["speedup_over_1_worker"] = {
+                k: one[k] / times[k] for k in one if times.get(k)
+            }
+
+
+def run_bench(
+    inputs: list[Path] | None,
+    studies: int,
+    workers_list: list[int],
+    out_dir,
+    rounds: int = 3,
+    preset: str = "small",
+    patients: int = 4,
+    clinical_settings=None,
+) -> Path:
+    """Measure and write a record. Without inputs, a synthetic corpus: `preset` "small"
+    (`pgjax synth`, `studies` studies: 128x128 slices) or "clinical" (pgjax/synth/clinical.py,
+    `patients` patients: archive-sized files in several transfer syntaxes, each syntax also
+    measured on its own; `clinical_settings` replaces its default ClinicalSettings)."""
+    from pgjax.data.config import PreprocessConfig
+    from pgjax.data.scan import list_files
+
+    if preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     workdir = Path(tempfile.mkdtemp(prefix="pgjax-bench-"))
     try:
-        labels = None
-        if not inputs:
+        synthetic, groups, corpus = not inputs, {}, None
+        if synthetic and preset == "clinical":
+            from pgjax.synth.clinical import ClinicalSettings, write_clinical_corpus
+
+            clinical = clinical_settings or ClinicalSettings(patients=patients)
+            corpus = write_clinical_corpus(workdir / "corpus", clinical)
+            inputs = sorted((workdir / "corpus" / "dicom").iterdir())
+            groups = {p.name: [p] for p in inputs}
+        elif synthetic:
             from pgjax.synth.corpus import write_corpus
 
             write_corpus(workdir / "corpus", studies=studies, seed=0)
             inputs = [workdir / "corpus" / "dicom"]
-            labels = str(workdir / "corpus" / "labels.csv")
         paths = [p for _, p in list_files(inputs)]
         cfg = PreprocessConfig(min_patients=2)
+        if preset == "clinical" and synthetic:
+            # A few hundred files in the default 256-row shards make 2-3 pixel units, too few
+            # for 2 workers to share; a cluster run over an archive has thousands.
+            cfg = PreprocessConfig(min_patients=2, images_per_shard=32, volumes_per_shard=2)
         figures = {"files": len(paths), "bytes": sum(Path(p).stat().st_size for p in paths)}
+        load_start = os.getloadavg()
         for w in workers_list:
-            # Page cache warm for both: the corpus was just written or the first round reads it.
-            dec, times = [], []
-            for r in range(rounds):
-                dec.append(decode_only(paths, w))
-                store = workdir / f"store-w{w}-r{r}"
-                times.append(pipeline(inputs, store, w, cfg))
-                shutil.rmtree(default_private(store), ignore_errors=True)
-                shutil.rmtree(store, ignore_errors=True)
-            ratios = [d / t["total"] for d, t in zip(dec, times, strict=True)]
-            med = {k: float(np.median([t[k] for t in times])) for k in times[0]}
-            figures[f"workers_{w}"] = {
-                "decode_only_s": float(np.median(dec)),
-                "decode_only_files_per_s": len(paths) / float(np.median(dec)),
-                "pipeline_s": med,
-                "pipeline_files_per_s": len(paths) / med["total"],
-                "ratio_pipeline_to_decode_only": float(np.median(ratios)),
-                "decode_only_s_per_round": dec,
-                "pipeline_s_per_round": times,
-                "ratio_per_round": ratios,
-            }
-            f = figures[f"workers_{w}"]
-            print(
-                f"workers={w}: pydicom decode-only {f['decode_only_files_per_s']:.1f} files/s, "
-                f"pipeline {f['pipeline_files_per_s']:.1f} files/s (median ratio "
-                f"{f['ratio_pipeline_to_decode_only']:.2f}, rounds "
-                + ", ".join(f"{x:.2f}" for x in ratios)
-                + "); phases "
-                + ", ".join(f"{k} {v:.2f}s" for k, v in med.items() if k != "total")
-            )
+            figures[f"workers_{w}"] = f = measure(inputs, w, cfg, workdir, rounds)
+            print(_summary_line("all files", w, f))
+        if groups:
+            figures["by_syntax"] = {}
+            for name, folders in groups.items():
+                tally = corpus["syntaxes"][name]
+                entry = {"uid": tally["uid"], "files": tally["files"], "bytes": tally["bytes"]}
+                for w in workers_list:
+                    entry[f"workers_{w}"] = f = measure(folders, w, cfg, workdir, rounds)
+                    print(_summary_line(name, w, f))
+                figures["by_syntax"][name] = entry
+            figures["syntaxes_lacking"] = corpus["lacking"]
+            for name, reason in corpus["lacking"].items():
+                print(f"not in the mix: {name} ({reason})")
+        for part in [figures, *figures.get("by_syntax", {}).values()]:
+            _add_scaling(part, workers_list)
+        for w in workers_list:
+            if "speedup_over_1_worker" in figures[f"workers_{w}"]:
+                speedup = figures[f"workers_{w}"]["speedup_over_1_worker"]
+                print(f"all files, {w} workers over 1: "
+                      + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()))  # fmt: skip
+        figures["load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}
         settings = {
-            "inputs": "synthetic corpus" if labels else "user files",
-            "studies": studies if labels else None,
+            "inputs": f"synthetic corpus ({preset})" if synthetic else "user files",
+            "preset": preset if synthetic else None,
+            "studies": studies if synthetic and preset == "small" else None,
+            "clinical_corpus": corpus["settings"] if corpus else None,
             "workers": workers_list,
             "rounds": rounds,
             "config": cfg.to_json(),

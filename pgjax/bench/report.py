@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 PRE_HEADER = (
-    "| time (UTC) | machine | files | workers | pydicom decode-only files/s "
-    "| pipeline files/s | ratio |"
+    "| time (UTC) | machine | inputs | files | MB | workers | pydicom decode-only files/s "
+    "| decode-only MB/s | pipeline files/s | pipeline MB/s | ratio | load avg |"
 )
 TRAIN_HEADER = (
     "| time (UTC) | machine | config | devices | global batch | image | steps/s | images/s "
@@ -36,16 +36,33 @@ def _machine(r: dict) -> str:
 
 
 def _preprocess_rows(r: dict) -> list[str]:
+    """One row per worker count: all files, then (clinical preset) each transfer syntax."""
+    settings, figures = r["settings"], r["figures"]
+    preset = settings.get("preset") or ("small" if "synthetic" in settings["inputs"] else "")
+    name = preset or settings["inputs"]
+    parts = [(name, figures)] + [
+        (f"{name}: {syntax}", entry) for syntax, entry in figures.get("by_syntax", {}).items()
+    ]
     rows = []
-    for key, f in sorted(r["figures"].items()):
-        if not key.startswith("workers_"):
-            continue
-        rows.append(
-            f"| {r['time_utc']} | {_machine(r)} | {r['figures']['files']} | {key[8:]} | "
-            f"{f['decode_only_files_per_s']:.1f} | {f['pipeline_files_per_s']:.1f} | "
-            f"{f['ratio_pipeline_to_decode_only']:.2f} |"
-        )
+    for label, part in parts:
+        for key, f in sorted(part.items()):
+            if not key.startswith("workers_"):
+                continue
+            loads = f.get("load_average_1min_per_round")
+            load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
+            mb = f"{part['bytes'] / 1e6:.0f}" if "bytes" in part else "n/a"
+            rows.append(
+                f"| {r['time_utc']} | {_machine(r)} | {label} | {part['files']} | {mb} | "
+                f"{key[8:]} | {f['decode_only_files_per_s']:.1f} | "
+                f"{_or_na(f.get('decode_only_mb_per_s'))} | {f['pipeline_files_per_s']:.1f} | "
+                f"{_or_na(f.get('pipeline_mb_per_s'))} | "
+                f"{f['ratio_pipeline_to_decode_only']:.2f} | {load} |"
+            )
     return rows
+
+
+def _or_na(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def _train_rows(r: dict) -> list[str]:

@@ -12,7 +12,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     pre = sub.add_parser("preprocess", help="files/s against pydicom's decode-only rate")
     pre.add_argument("inputs", nargs="*", help="DICOM folders (default: a synthetic corpus)")
-    pre.add_argument("--studies", type=int, default=60, help="synthetic corpus size")
+    pre.add_argument("--preset", choices=("small", "clinical"), default="small",
+                     help="synthetic corpus: small (128x128 slices, --studies) or clinical "
+                     "(CT 512, radiographs 2500x2048, MR 256-384, enhanced multi-frame, several "
+                     "transfer syntaxes, each also measured alone; --patients)")  # fmt: skip
+    pre.add_argument("--studies", type=int, default=60, help="small corpus size (studies)")
+    pre.add_argument("--patients", type=int, default=4,
+                     help="clinical corpus size (patients, 31 files each by default)")  # fmt: skip
     pre.add_argument("--workers", default="1,2", help="worker counts to measure, e.g. 1,2")
     pre.add_argument("--rounds", type=int, default=3, help="alternating rounds per count")
     pre.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
@@ -71,8 +77,9 @@ def run(args) -> int:
         workers = [int(w) for w in args.workers.split(",") if w]
         try:
             path = run_bench(
-                [Path(p) for p in args.inputs], args.studies, workers, args.out, rounds=args.rounds
-            )
+                [Path(p) for p in args.inputs], args.studies, workers, args.out,
+                rounds=args.rounds, preset=args.preset, patients=args.patients,
+            )  # fmt: skip
         except (ValueError, FileNotFoundError) as e:  # e.g. no DICOM files under the inputs
             print(f"pgjax bench preprocess: {e}", file=sys.stderr)
             return 2

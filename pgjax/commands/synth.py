@@ -68,6 +68,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="XR,CT,MR,US",
         help="modality weights (default 0.5,0.25,0.2,0.05)",
     )
+    p.add_argument(
+        "--clinical",
+        type=int,
+        default=0,
+        metavar="PATIENTS",
+        help="instead, the clinical-size preprocessing benchmark corpus for this many patients "
+        "(CT 512, radiographs 2500x2048, MR 256-384, enhanced multi-frame CT/MR, one folder per "
+        "transfer syntax; pgjax/synth/clinical.py); only --out and --seed apply",
+    )
     p.add_argument("--xr-size", type=int, default=256, help="radiograph rows/columns (256)")
     p.add_argument("--ct-size", type=int, default=128, help="CT matrix (128)")
     p.add_argument("--ct-slices", type=_range, default=(24, 40), metavar="LO-HI", help="(24-40)")
@@ -123,7 +132,27 @@ def _external(text: str | None) -> tuple[str, ...] | None:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+def _run_clinical(args: argparse.Namespace) -> int:
+    from pgjax.synth.clinical import ClinicalSettings, write_clinical_corpus
+
+    try:
+        summary = write_clinical_corpus(
+            args.out, ClinicalSettings(patients=args.clinical, seed=args.seed)
+        )
+    except ValueError as e:
+        print(f"pgjax synth: error: {e}", file=sys.stderr)
+        return 2
+    for name, tally in summary["syntaxes"].items():
+        print(f"  {name}: {tally['files']} files, {tally['bytes'] / 1e6:.1f} MB")
+    for name, reason in summary["lacking"].items():
+        print(f"  not in the mix: {name} ({reason})")
+    print(f"wrote the clinical-size corpus to {args.out}/dicom")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.clinical:
+        return _run_clinical(args)
     from pgjax.synth.corpus import write_corpus
 
     site_file, n_sites = _sites(args.sites)

@@ -78,7 +78,8 @@ def _series_slices(paths, frames, cfg, images=(), made=None) -> np.ndarray:
     Normalised together: MR has no absolute scale, so percentiles pooled over the series keep
     its slices comparable (CT is windowed in Hounsfield units, per file's own rescale).
     images: [(image row, path, frame)] 2D rows to make on the way into `made`, from the same
-    decoded frames and exactly as fill_image_unit would (a file that fails makes none).
+    decoded frames and exactly as fill_image_unit would: the rows of one file in one image
+    unit (row // cfg.images_per_shard) together, as one group (a group that fails makes none).
     """
     decoded = {}
     for p in dict.fromkeys(paths):
@@ -87,12 +88,18 @@ def _series_slices(paths, frames, cfg, images=(), made=None) -> np.ndarray:
         # Frame by frame: the same values as one at a time.
         out = decode_frames(ds, wanted, cfg.max_pixels)
         decoded[p] = (ds, {f: out[j] for j, f in enumerate(wanted)})
+    groups = defaultdict(list)
     for row, p, f in images:
+        groups[row // cfg.images_per_shard, p].append((row, f))
+    for (_, p), items in groups.items():
         ds, pixels = decoded[p]
+        wanted = sorted({f for _, f in items})
         try:
-            made[row] = images_from_frames(pixels[f][None], ds, [f], cfg)[0]
+            out = images_from_frames(np.stack([pixels[f] for f in wanted]), ds, wanted, cfg)
         except Exception:
-            pass  # the image unit makes this row itself and records the reason
+            continue  # the image unit makes these rows itself and records the reason
+        where = {f: k for k, f in enumerate(wanted)}
+        made.update((row, out[where[f]]) for row, f in items)
     parts = [
         (decoded[p][1][f][None], decoded[p][0], [f]) for p, f in zip(paths, frames, strict=True)
     ]

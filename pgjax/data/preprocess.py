@@ -108,6 +108,35 @@ def _ping() -> bool:
     return True
 
 
+class WorkerPool:
+    """Spawned worker processes shared by the phases of one run: started on first use (the
+    imports in each worker cost about a second, a large share of a phase on a small corpus),
+    started again after a worker crash broke it."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = None
+
+    def get(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
+            try:  # a pool that cannot start is not a bad file: say so instead of blaming the data
+                self._pool.submit(_ping).result()
+            except cf.process.BrokenProcessPool as e:
+                self.close()
+                raise RuntimeError(
+                    "cannot start worker processes (spawn). From a script, put the call under "
+                    "`if __name__ == '__main__':`; or use --workers 1"
+                ) from e
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
 def run_units(
     fn: Callable,
     units: Sequence,
@@ -115,10 +144,12 @@ def run_units(
     workers: int,
     progress: Progress,
     then: Sequence = (),
+    pool: WorkerPool | None = None,
 ) -> list[tuple[object, str]]:
     """Run fn(unit, *args) for every unit; return (unit, reason) for units that crashed a worker.
 
     `then`: more units, started once every unit of `units` has finished (same pool).
+    `pool`: the run's workers (default: a pool of `workers` started and closed here).
     A decoder can crash its process on a hostile file (a segfault is not an exception). When
     the pool breaks, the units that were in flight are re-run one by one in their own process,
     so one bad file costs its unit, not the run.
@@ -128,21 +159,16 @@ def run_units(
             fn(u, *args)
             progress.update()
         return []
-    ctx = multiprocessing.get_context("spawn")
-    suspects, crashed = [], []
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        try:  # a pool that cannot start is not a bad file: say so instead of blaming the data
-            pool.submit(_ping).result()
-        except cf.process.BrokenProcessPool as e:
-            raise RuntimeError(
-                "cannot start worker processes (spawn). From a script, put the call under "
-                "`if __name__ == '__main__':`; or use --workers 1"
-            ) from e
+    own = pool is None
+    pool = pool or WorkerPool(workers)
+    suspects, crashed, broken = [], [], False
+    try:
+        executor = pool.get()
         for wave in (units, then):
             futures = {}
             for u in wave:
                 try:
-                    futures[pool.submit(fn, u, *args)] = u
+                    futures[executor.submit(fn, u, *args)] = u
                 except cf.process.BrokenProcessPool:  # broken by the wave before
                     suspects.append(u)
             for fut in cf.as_completed(futures):
@@ -151,10 +177,15 @@ def run_units(
                     progress.update()
                 except cf.process.BrokenProcessPool:
                     suspects.append(futures[fut])
+                    broken = True
+    finally:
+        if own or broken:
+            pool.close()  # a broken pool is started again by the next phase that needs it
+    ctx = multiprocessing.get_context("spawn")
     for u in suspects:
-        with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        with cf.ProcessPoolExecutor(1, mp_context=ctx) as alone:
             try:
-                pool.submit(fn, u, *args).result()
+                alone.submit(fn, u, *args).result()
             except cf.process.BrokenProcessPool:
                 crashed.append((u, "worker crashed (hostile or corrupt file)"))
         progress.update()
@@ -179,8 +210,9 @@ SCAN_VERSION = 2
 
 
 def phase_scan(
-    inputs, ws: Workspace, schema: Schema, cfg, salt, *, workers=1, shard=(0, 1), site_names=None
-):
+    inputs, ws: Workspace, schema: Schema, cfg, salt, *, workers=1, shard=(0, 1),
+    site_names=None, pool: WorkerPool | None = None,
+):  # fmt: skip
     files = list_files(inputs)
     if not files:
         raise ValueError(f"no files under {', '.join(map(str, inputs))}")
@@ -206,7 +238,7 @@ def phase_scan(
     jobs = [(c, files[c * FILES_PER_SCAN_CHUNK : (c + 1) * FILES_PER_SCAN_CHUNK]) for c in todo]
     args = (schema.to_json(), salt, cfg.site_from, site_names, cfg.max_pixels, str(ws.scan_dir))
     # A crash in header parsing is as possible as in decoding: the chunk's files are listed.
-    for (c, chunk_files), reason in run_units(_scan_unit, jobs, args, workers, progress):
+    for (c, chunk_files), reason in run_units(_scan_unit, jobs, args, workers, progress, pool=pool):
         records = [ScanRecord(path=p, reason=reason).to_json() for _, p in chunk_files]
         st.write_json_atomic(ws.scan_dir / f"chunk-{c:06d}.json", records)
 
@@ -422,16 +454,20 @@ def _vendors(vocab, schema: Schema, tokens) -> list[str]:
 def _slice_handover(plan, image_ranges) -> dict[int, int]:
     """Image rows that a volume unit makes (see "slice hand-over" below): {image row: volume}.
 
-    Only the row of a file that its image unit asks for one frame of: an image unit normalises
-    the frames of one file together, which the volume unit could not repeat.
+    An image unit normalises the frames it takes from one file together (one multi-frame
+    object: one scale), so the rows of one file in one image unit are handed over as a group
+    or not at all: when every one of them is a slice of the same volume, whose unit decodes
+    those frames anyway and makes the group the same way.
     """
     out = {}
     for start, stop in image_ranges:
-        per_file = Counter(plan.images[k].record for k in range(start, stop))
+        groups = defaultdict(list)
         for k in range(start, stop):
-            it = plan.images[k]
-            if it.volume >= 0 and per_file[it.record] == 1:
-                out[k] = it.volume
+            groups[plan.images[k].record].append(k)
+        for rows in groups.values():
+            volumes = {plan.images[k].volume for k in rows}
+            if len(volumes) == 1 and min(volumes) >= 0:
+                out.update((k, plan.images[k].volume) for k in rows)
     return out
 
 
@@ -569,7 +605,9 @@ def _release_slices(ws: Workspace, consumers: dict[str, list[int]]) -> None:
             _slices_path(ws, int(v)).unlink(missing_ok=True)
 
 
-def phase_pixels(ws: Workspace, *, workers=1, shard=(0, 1), earlier=None) -> None:
+def phase_pixels(
+    ws: Workspace, *, workers=1, shard=(0, 1), earlier=None, pool: WorkerPool | None = None
+) -> None:
     manifest = st.read_manifest(ws.store)
     cfg = PreprocessConfig.from_json(manifest["config"])
     every = [(g, u) for g in st.GROUPS for u in range(manifest["units"][g])]
@@ -583,7 +621,7 @@ def phase_pixels(ws: Workspace, *, workers=1, shard=(0, 1), earlier=None) -> Non
     # Volume units first: they make most CT/MR 2D rows for the image units (slice hand-over).
     volumes = [job for job in jobs if job[0] == "volumes"]
     images = [job for job in jobs if job[0] != "volumes"]
-    crashed = run_units(_pixels_unit, volumes, args, workers, progress, then=images)
+    crashed = run_units(_pixels_unit, volumes, args, workers, progress, then=images, pool=pool)
     for (g, u), reason in crashed:
         work = json.loads((ws.plan_dir / f"{g}-{u:06d}.json").read_text())
         failures = [[row, reason] for row in range(work["start"], work["stop"])]
@@ -688,9 +726,12 @@ def preprocess(
     earlier: str | Path | None = None,
     site_names: dict[str, str] | str | Path | None = None,
     redact_words: Sequence[str] = (),
+    timings: dict[str, float] | None = None,
 ) -> dict | None:
     """Run the given phases; returns finalize's summary when it ran.
 
+    With workers > 1 the scan and pixel phases share one pool of worker processes.
+    `timings`: receives the seconds each phase took, by phase name (for benchmarks).
     `earlier`: append to an earlier run whose source files are gone (see pgjax/data/earlier.py).
     `site_names`: {folder: site name}, or a JSON/CSV file of them (pgjax/data/sites.py), for
     `site_from="dir"`; folders not listed get a salted key. Kept in the private folder only.
@@ -714,24 +755,39 @@ def preprocess(
     if shard != (0, 1) and set(phases) - {"scan", "pixels"}:
         raise ValueError("--shard applies to the scan and pixels phases only")
     summary = None
-    if "scan" in phases:
-        phase_scan(
-            inputs, ws, schema, cfg, salt, workers=workers, shard=shard, site_names=site_names
-        )
-    if "plan" in phases:
-        phase_plan(
-            ws,
-            schema,
-            cfg,
-            salt,
-            labels=labels,
-            compression=compression,
-            overwrite=overwrite,
-            earlier=earlier,
-            redact_words=tuple(redact_words),
-        )
-    if "pixels" in phases:
-        phase_pixels(ws, workers=workers, shard=shard, earlier=earlier)
-    if "finalize" in phases:
-        summary = phase_finalize(ws)
+    timings = {} if timings is None else timings
+    pool = WorkerPool(workers) if workers > 1 else None
+    try:
+        if "scan" in phases:
+            start = time.perf_counter()
+            phase_scan(
+                inputs, ws, schema, cfg, salt, workers=workers, shard=shard,
+                site_names=site_names, pool=pool,
+            )  # fmt: skip
+            timings["scan"] = time.perf_counter() - start
+        if "plan" in phases:
+            start = time.perf_counter()
+            phase_plan(
+                ws,
+                schema,
+                cfg,
+                salt,
+                labels=labels,
+                compression=compression,
+                overwrite=overwrite,
+                earlier=earlier,
+                redact_words=tuple(redact_words),
+            )
+            timings["plan"] = time.perf_counter() - start
+        if "pixels" in phases:
+            start = time.perf_counter()
+            phase_pixels(ws, workers=workers, shard=shard, earlier=earlier, pool=pool)
+            timings["pixels"] = time.perf_counter() - start
+        if "finalize" in phases:
+            start = time.perf_counter()
+            summary = phase_finalize(ws)
+            timings["finalize"] = time.perf_counter() - start
+    finally:
+        if pool is not None:
+            pool.close()
     return summary
