@@ -347,9 +347,13 @@ def finished_evaluation(out: Path, models, task, store, settings, log=print) -> 
             and canon(context.get("task")) == canon(dataclasses.asdict(task))
             and canon(context.get("settings")) == canon(dataclasses.asdict(settings)))  # fmt: skip
     written = metrics_file.stat().st_mtime
-    newer = [m.name for m in models if not m.random_init
-             and any(p.stat().st_mtime > written
-                     for p in (Path(m.workdir) / "checkpoints").glob("*"))]  # fmt: skip
+    # A transfer row's workdir is rewritten (init_from.json) each time its file is loaded, so
+    # such a row is evaluated again whenever the sweep reloads it.
+    read = {m.name: (Path(m.workdir).glob("*") if getattr(m, "transfer", False)
+                     else [] if m.random_init else (Path(m.workdir) / "checkpoints").glob("*"))
+            for m in models}  # fmt: skip
+    newer = [name for name, paths in read.items()
+             if any(p.stat().st_mtime > written for p in paths)]
     newer += [name for name in ("manifest.json", "vocab.json")  # a rebuilt store
               if (Path(store) / name).is_file() and (Path(store) / name).stat().st_mtime > written]
     if not same or newer:
