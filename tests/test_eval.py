@@ -596,7 +596,11 @@ def _fake_predictions(path, rng):
                              "site": split.partition(":")[2] or "site_a", "vendor": "V",
                              "scanner_model": "M", "modality": "CR", "protocol_border": 0,
                              "stratum": f"ViewPosition={view}", "label": y,
-                             "prob": float(1 / (1 + np.exp(-z)))})  # fmt: skip
+                             "prob": float(1 / (1 + np.exp(-z))), "novelty": float(i),
+                             "novel_decile": int(i >= 54),
+                             "prob_temperature": float(1 / (1 + np.exp(-z / 1.5))),
+                             "prob_protocol": float(1 / (1 + np.exp(-z / (1.2 if i % 2
+                                                                          else 1.8))))})
     assert tuple(rows[0]) == PREDICTION_COLUMNS
     write_predictions(path, rows)
 
