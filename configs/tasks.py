@@ -46,6 +46,9 @@ def get_config(arg: str = ""):
         l2_grid=(1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
         conditioned=False,  # also feed the protocol embedding (models with a protocol encoder)
     )
+    # `pgjax eval --calibrate protocol`: one temperature per vendor x scanner-model group with
+    # at least min_count validation items (and both classes); the others take the global one.
+    c.calibration = dict(min_count=20)
     c.finetune = dict(steps=60, batch=16, lr=1e-4, head_lr=1e-2, weight_decay=1e-4, eval_every=20)
     c.metrics = dict(
         n_boot=1000,  # bootstrap resamples (patient-level) for ECE and Brier, overall rows

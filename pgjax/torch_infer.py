@@ -10,6 +10,12 @@ and writes one row per item (2D: per selected frame of each file; 3D models: per
     image_projection       float32 [N, E]   contrastive embedding (models with a projection)
     protocol_embedding     float32 [N, W]   pooled header-token features (models with one)
     protocol_projection    float32 [N, E]
+    protocol_novelty       float64 [N]      Mahalanobis distance of the protocol embedding from
+                                            the training split's (NaN: no protocol encoder)
+    unusual_values         str [N]          "Field=value (unseen|rare); ..." per row: protocol
+                                            token strings unseen or rare in training ("" if none)
+    probability            float64 [N]      the export's probe, calibrated (exports made with
+    probability_uncalibrated float64 [N]    `pgjax export --calibration`)
     path, frame                             the source of each row (-1: a whole series)
     skipped_path, skipped_reason            every file that gave no row, and why
 
@@ -63,6 +69,21 @@ def embed(model, items, batch: int) -> dict[str, np.ndarray]:
             add("protocol_embedding", model.embed_protocol(*args))
             if model.protocol_proj is not None:
                 add("protocol_projection", model.project_protocol(*args))
+        tokens = items.tokens[i : i + batch]
+        if model.protocol_stats is not None:
+            protocol = outs["protocol_embedding"][-1] if model.protocol_encoder is not None \
+                else None  # fmt: skip
+            novelty = (model.novelty_from_embedding(protocol) if protocol is not None
+                       else np.full(len(tokens), np.nan))  # fmt: skip
+            add("protocol_novelty", novelty)
+            add("unusual_values", np.array(["; ".join(u) for u in model.unusual_values(tokens)],
+                                           dtype=str))  # fmt: skip
+        if model.calibration is not None:
+            image = outs["image_embedding"][-1]
+            protocol = outs.get("protocol_embedding", [None])[-1]
+            add("probability", model.calibrated_proba(image, protocol, tokens))
+            add("probability_uncalibrated",
+                model.calibrated_proba(image, protocol, tokens, calibrated=False))
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 

@@ -88,7 +88,10 @@ def evaluation(store, corpus, pg_workdir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("eval_out") / "cardiomegaly"
     models = [Model("pg", pg_workdir), Model("random_init", pg_workdir, random_init=True)]
-    settings = EvalSettings(heads=("linear", "linear+protocol"), n_boot=50, subgroup_boot=20)
+    # Protocol calibration with a small minimum group, so that some groups get their own
+    # temperature and others fall back to the global one.
+    settings = EvalSettings(heads=("linear", "linear+protocol"), n_boot=50, subgroup_boot=20,
+                            calibrate="protocol", calibration_min_count=3)  # fmt: skip
     metrics = evaluate(models, TASK, store, out, settings, labels=corpus / "labels.csv",
                        salt_file=salt_of(store))  # fmt: skip
     return out, metrics
@@ -253,7 +256,7 @@ def test_metrics_cover_splits_subgroups_border_and_paired_tests(evaluation):
     r = next(r for r in runs if r["model"] == "random_init" and r["split"] == EXT
              and r["head"] == "linear")  # fmt: skip
     assert set(r["subgroups"]) == {"site", "vendor", "scanner_model", "modality",
-                                   "protocol_border", "stratum"}  # fmt: skip
+                                   "protocol_border", "stratum", "novel_decile"}  # fmt: skip
     assert set(r["subgroups"]["site"]) == {"site_d"}
     vs = r["vs_reference"]
     assert vs["reference"] == "pg"
@@ -281,6 +284,93 @@ def test_report_and_plots_are_written(evaluation):
     for name in ("roc_reliability_external_site_d", "auroc_vs_fraction_external_site_d",
                  "auroc_by_vendor_external_site_d", "roc_reliability_test"):  # fmt: skip
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_novelty_separates_the_site_with_an_unseen_vendor(evaluation, store, pg_workdir):
+    """The done-when of protocol-shift detection: site_d (external) uses a vendor no training
+    site has; the novelty score of its items against the training sites' AUROC > 0.9."""
+    import pgjax.inference
+    from pgjax.data.store import open_store
+    from pgjax.eval.metrics import auroc
+
+    out, metrics = evaluation
+    table = open_store(store).images.table()
+    ok = table["ok"] == "1"
+    site_d = ok & (table["site"] == "site_d")
+    training = ok & (table["site"] != "site_d")
+    assert not set(table["vendor"][site_d]) & set(table["vendor"][training])  # the premise
+
+    model = pgjax.inference.load(pg_workdir)
+    rows = np.concatenate([table["row"][site_d], table["row"][training & (table["split"] !=
+                                                                          "train")]])
+    rows = rows.astype(np.int64)
+    arrays = {n: open_store(store).images.array(n)[rows].read().result()
+              for n in ("tokens", "values", "value_mask")}  # fmt: skip
+    scored = model.protocol_novelty(arrays["tokens"], arrays["values"], arrays["value_mask"])
+    external = np.arange(len(rows)) < int(site_d.sum())
+    assert auroc(external, scored["novelty"]) > 0.9
+    # The unseen vendor is named (as its token string: a value too rare for the vocabulary is
+    # <unk>); no training-site item's Manufacturer is flagged.
+    assert all(any(u.startswith("Manufacturer=") for u in lst)
+               for lst in np.array(scored["unusual"], dtype=object)[external])  # fmt: skip
+    assert not any(u.startswith("Manufacturer=") for lst in
+                   np.array(scored["unusual"], dtype=object)[~external] for u in lst)  # fmt: skip
+    # The record is cached with the checkpoint, and the same numbers come back from it.
+    cached = list((pg_workdir / "protocol_stats").glob("step_2_*.npz"))
+    assert len(cached) == 1
+    again = pgjax.inference.load(pg_workdir).protocol_novelty(arrays["tokens"], arrays["values"],
+                                                              arrays["value_mask"])
+    np.testing.assert_allclose(again["novelty"], scored["novelty"], rtol=1e-6)
+
+    # pgjax eval reports the same separation, and border vs typical, with intervals.
+    nov = metrics["novelty"]
+    assert nov["model"] == "pg"
+    sep = nov["separation"]
+    assert sep["external_vs_internal"]["value"] > 0.9
+    assert sep["external_vs_internal"]["lo"] <= sep["external_vs_internal"]["value"]
+    assert "all test items" in sep["border_vs_typical"]
+    rows_csv = read_csv(out / "predictions.csv")
+    novelty = np.array([float(r["novelty"]) for r in rows_csv])
+    decile = np.array([int(r["novel_decile"]) for r in rows_csv])
+    assert np.all(novelty[decile == 1] >= nov["novel_threshold"])
+    assert np.all(novelty[decile == 0] < nov["novel_threshold"])
+    run = next(r for r in metrics["runs"] if r["model"] == "pg" and r["split"] == EXT)
+    assert set(run["subgroups"]["novel_decile"]) <= {"most novel 10%", "rest"}
+    report = (out / "report.md").read_text()
+    for text in ("## Protocol novelty", "external sites vs internal test",
+                 "most novel decile of the test items", "Manufacturer=<unk> (unseen)"):
+        assert text in report, text
+
+
+def test_protocol_calibration_in_the_evaluation(evaluation):
+    from pgjax.eval.calibration import check_record
+
+    out, metrics = evaluation
+    rows = read_csv(out / "predictions.csv")
+    linear = [r for r in rows if not r["head"].startswith("finetune")]
+    assert all(0 < float(r["prob_protocol"]) < 1 and 0 < float(r["prob_temperature"]) < 1
+               for r in linear)  # fmt: skip
+    runs = [r for r in metrics["runs"] if r["model"] == "pg"]
+    for run in runs:
+        assert set(run["calibration"]) == {"none", "temperature", "protocol"}
+        for entry in run["calibration"].values():
+            e = entry["overall"]["ece_uniform"]
+            # (a percentile bootstrap interval of ECE need not contain the point estimate)
+            assert e["value"] is not None and e["lo"] <= e["hi"]
+            assert set(entry["strata"]) == set(run["subgroups"]["stratum"])
+    context = json.loads((out / "context.json").read_text())
+    fits = context["probe"]["pg/linear/1.0/0"]["calibration"]
+    protocol = fits["protocol"]
+    assert protocol["temperature"] == fits["temperature"]["temperature"]
+    # Groups below the minimum fall back to the global temperature, and say why.
+    assert all(g["n"] >= 3 and 0 < g["n_pos"] < g["n"] for g in protocol["groups"].values())
+    assert all("reason" in g for g in protocol["fallback"].values())
+    assert protocol["groups"] and protocol["fallback"]
+    record = check_record(json.loads((out / context["calibration"]["files"]["pg/linear"])
+                                     .read_text()), "pg")  # fmt: skip
+    assert record["calibration"] == protocol and record["step"] == 2
+    report = (out / "report.md").read_text()
+    assert "## Calibration" in report and "ECE-15 temperature [CI]" in report
 
 
 def test_embeddings_are_cached_and_reused(evaluation, store, pg_workdir):
@@ -506,7 +596,11 @@ def _fake_predictions(path, rng):
                              "site": split.partition(":")[2] or "site_a", "vendor": "V",
                              "scanner_model": "M", "modality": "CR", "protocol_border": 0,
                              "stratum": f"ViewPosition={view}", "label": y,
-                             "prob": float(1 / (1 + np.exp(-z)))})  # fmt: skip
+                             "prob": float(1 / (1 + np.exp(-z))), "novelty": float(i),
+                             "novel_decile": int(i >= 54),
+                             "prob_temperature": float(1 / (1 + np.exp(-z / 1.5))),
+                             "prob_protocol": float(1 / (1 + np.exp(-z / (1.2 if i % 2
+                                                                          else 1.8))))})
     assert tuple(rows[0]) == PREDICTION_COLUMNS
     write_predictions(path, rows)
 
@@ -579,7 +673,9 @@ def test_card_embeds_results_bias_table_and_audit(evaluation, pg_workdir, tmp_pa
     text = card.read_text()
     for section in ("## Intended use", "## Training data", "by vendor:", "External validation",
                     "### Calibration", "Bias audit", "## De-identification audit",
-                    "**Result: clean**", "## Known limits"):  # fmt: skip
+                    "**Result: clean**", "## Known limits",
+                    "### Recalibration (`pgjax eval --calibrate protocol`)",
+                    "ECE-15 protocol [CI]", "### Protocol novelty"):  # fmt: skip
         assert section in text, section
 
 

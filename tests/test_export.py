@@ -250,6 +250,115 @@ def test_export_errors_name_the_problem(workdirs, stores, tmp_path):
     assert (tmp_path / "taken" / "keep.txt").exists()
 
 
+def _probe_record(workdir, store, step: int = 2) -> dict:
+    """A calibrated probe on the image and protocol embeddings of a model, as `pgjax eval`
+    writes one: the probe from the store items' embeddings, per-group temperatures keyed by
+    the items' own vendor x model tokens (one group left to the global temperature)."""
+    from pgjax.data.store import open_store
+    from pgjax.eval import calibration as cal
+    from pgjax.eval.probe import LinearProbe
+    from pgjax.inference import load
+
+    st = open_store(store)
+    rows = np.arange(8)
+    arrays = {n: st.images.array(n)[rows].read().result() for n in ("pixels", "tokens", "values",
+                                                                   "value_mask")}  # fmt: skip
+    model = load(workdir)
+    x = np.concatenate([model.embed_images(arrays["pixels"]),
+                        model.embed_protocol(arrays["tokens"], arrays["values"],
+                                             arrays["value_mask"])], axis=1)  # fmt: skip
+    rng = np.random.default_rng(5)
+    probe = LinearProbe(x.mean(0), x.std(0) + 1e-3, rng.normal(0, 0.3, x.shape[1]), -0.2, 1.0,
+                        "test")  # fmt: skip
+    columns = [list(st.vocabulary().keywords).index(f) for f in cal.GROUP_FIELDS]
+    keys = sorted(set(cal.group_keys(arrays["tokens"][:, columns])))
+    assert len(keys) >= 2
+    fit = {"method": "protocol", "temperature": 1.8, "n": 8, "fields": list(cal.GROUP_FIELDS),
+           "min_count": 1, "groups": {keys[0]: {"temperature": 0.6, "n": 4, "n_pos": 2,
+                                                "name": "a"}},
+           "fallback": {}}  # fmt: skip
+    return cal.probe_record(
+        probe=probe, calibration=fit, inputs=["image", "protocol"], group_columns=columns,
+        provenance={"task": "t", "label": "t", "model": "vit2d", "head": "linear+protocol",
+                    "label_fraction": 1.0, "seed": 0, "step": step,
+                    "vocab_sha256": st.manifest.get("vocab_sha256")},
+    )  # fmt: skip
+
+
+def test_export_carries_the_calibrated_probe_and_novelty(workdirs, stores, dicom2d, tmp_path):
+    """The same calibrated probabilities and novelty scores in PyTorch as in JAX: within 1e-5
+    on the same embeddings (the computation), within the embeddings' own parity end to end."""
+    from pgjax.export.exporter import export
+    from pgjax.export.source import ExportError
+    from pgjax.export.torch_side import load_modeling
+    from pgjax.inference import load
+
+    record = _probe_record(workdirs["vit2d"], stores["2d"])
+    probe_file = tmp_path / "probe.json"
+    probe_file.write_text(json.dumps(record))
+    out = tmp_path / "out"
+    report = export(workdirs["vit2d"], out, calibration=probe_file)
+    assert {"random/proba", "random/novelty", "store/proba"} <= set(report["derived"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["calibration"]["method"] == "protocol"
+    assert config["protocol_stats"]["file"] == "protocol_stats.npz"
+
+    jax_model = load(out)
+    torch_model = load_modeling(out).from_pretrained(out)
+    from pgjax.data.store import open_store
+
+    st = open_store(stores["2d"])
+    rows = np.arange(16)
+    a = {n: st.images.array(n)[rows].read().result() for n in ("pixels", "tokens", "values",
+                                                               "value_mask")}  # fmt: skip
+    image = jax_model.embed_images(a["pixels"])
+    protocol = jax_model.embed_protocol(a["tokens"], a["values"], a["value_mask"])
+    for calibrated in (True, False):
+        p_jax = jax_model.calibrated_proba(image, protocol, a["tokens"], calibrated)
+        p_torch = torch_model.calibrated_proba(image, protocol, a["tokens"], calibrated)
+        np.testing.assert_allclose(p_torch, p_jax, atol=1e-5, rtol=0)
+    calibrated = jax_model.calibrated_proba(image, protocol, a["tokens"])
+    raw = jax_model.calibrated_proba(image, protocol, a["tokens"], calibrated=False)
+    assert not np.allclose(calibrated, raw)  # the temperatures act
+    # Item by item: the group's temperature, or the global one.
+    logit = np.log(raw / (1 - raw))
+    from pgjax.eval import calibration as cal
+
+    keys = cal.group_keys(a["tokens"][:, record["group_columns"]])
+    expected_t = np.where(keys == next(iter(record["calibration"]["groups"])), 0.6, 1.8)
+    np.testing.assert_allclose(calibrated, 1 / (1 + np.exp(-logit / expected_t)), atol=1e-9)
+    # End to end from pixels and tokens.
+    args = (a["pixels"], a["tokens"], a["values"], a["value_mask"])
+    np.testing.assert_allclose(torch_model.predict_proba(*args), jax_model.predict_proba(*args),
+                               atol=1e-4, rtol=0)  # fmt: skip
+    n_jax = jax_model.protocol_novelty(a["tokens"], a["values"], a["value_mask"])
+    n_torch = torch_model.protocol_novelty(a["tokens"], a["values"], a["value_mask"])
+    assert n_torch["unusual"] == n_jax["unusual"]
+    np.testing.assert_allclose(torch_model.novelty_from_embedding(protocol),
+                               jax_model.novelty_from_embedding(protocol), rtol=1e-6)
+    np.testing.assert_allclose(n_torch["novelty"], n_jax["novelty"], rtol=1e-3)
+    # torch_infer writes the calibrated and raw probabilities beside the novelty score.
+    proc = blocked("pgjax.torch_infer", dicom2d, "--model", out, "--out", tmp_path / "e.npz")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "e.npz")
+    n = len(got["path"])
+    assert n == 16 and got["protocol_novelty"].shape == (n,) and got["unusual_values"].shape == (n,)
+    assert np.all((got["probability"] > 0) & (got["probability"] < 1))
+    assert not np.allclose(got["probability"], got["probability_uncalibrated"])
+
+    # A probe fitted on another checkpoint step, or on another vocabulary, is refused.
+    probe_file.write_text(json.dumps({**record, "step": 7}))
+    with pytest.raises(ExportError, match="probe.json: the probe was fitted on .* step 7"):
+        export(workdirs["vit2d"], tmp_path / "bad", calibration=probe_file)
+    probe_file.write_text(json.dumps({**record, "vocab_sha256": "0" * 64}))
+    with pytest.raises(ExportError, match="another protocol vocabulary"):
+        export(workdirs["vit2d"], tmp_path / "bad", calibration=probe_file)
+    probe_file.write_text("{}")
+    with pytest.raises(ExportError, match="not a pgjax calibration file"):
+        export(workdirs["vit2d"], tmp_path / "bad", calibration=probe_file)
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # PyTorch inference on DICOM, JAX blocked
 
@@ -293,6 +402,11 @@ def test_torch_infer_on_real_dicom_matches_jax(exports, tmp_path):
     }
     for key, ref in pairs.items():
         np.testing.assert_allclose(got[key], ref, atol=TOL, rtol=0, err_msg=key)
+    # The protocol-novelty score and the unusual values, from the export's protocol_stats.npz.
+    novelty = jax_model.protocol_novelty(items.tokens, items.values, items.value_mask)
+    np.testing.assert_allclose(got["protocol_novelty"], novelty["novelty"], rtol=1e-3)
+    assert list(got["unusual_values"]) == ["; ".join(u) for u in novelty["unusual"]]
+    assert any("(unseen)" in u for u in got["unusual_values"])  # files unlike the training set
 
 
 def _rows(*arrays) -> list[bytes]:

@@ -4,7 +4,8 @@
 
 Independent of pgjax (imports nothing from it): anyone holding predictions.csv can check the
 reported numbers. For every run (model, head, label fraction, seed, split) and every subgroup
-(site, vendor, scanner model, modality, protocol border, protocol stratum) it recomputes n,
+(site, vendor, scanner model, modality, protocol border, protocol stratum, most novel decile),
+and for each calibration method's probabilities (`pgjax eval --calibrate`), it recomputes n,
 n_pos, the number of
 patients, AUROC (sklearn roc_auc_score), Brier score (sklearn brier_score_loss), ECE over 15
 equal-width and 15 equal-mass bins (bins [a, b) with the last closed, as np.histogram; equal-mass
@@ -34,7 +35,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
-SUBGROUPS = ("site", "vendor", "scanner_model", "modality", "protocol_border", "stratum")
+SUBGROUPS = ("site", "vendor", "scanner_model", "modality", "protocol_border", "stratum",
+             "novel_decile")  # fmt: skip
+GROUP_VALUES = {"typical": "0", "border": "1", "rest": "0", "most novel 10%": "1"}
 
 
 def ece(y: np.ndarray, p: np.ndarray, edges: np.ndarray) -> float:
@@ -116,12 +119,20 @@ def main(argv=None) -> int:
         covered |= sel
         sens = run["overall"]["fpr_at_sensitivity"]["sensitivity"]
         where = f"{run['model']}/{run['head']}/{run['label_fraction']}/{run['seed']}/{run['split']}"
-        tables = [("overall", sel, run["overall"])]
+        tables = [("overall", sel, run["overall"], p_all)]
         for attr in SUBGROUPS:
             for g, s in run["subgroups"].get(attr, {}).items():
-                border = attr == "protocol_border"
-                value = {"typical": "0", "border": "1"}.get(g, g) if border else g
-                tables.append((f"{attr}={g}", sel & (col[attr] == value), s))
+                flag = attr in ("protocol_border", "novel_decile")
+                value = GROUP_VALUES.get(g, g) if flag else g
+                tables.append((f"{attr}={g}", sel & (col[attr] == value), s, p_all))
+        # Calibrated probabilities (pgjax eval --calibrate): their own column per method.
+        for method, entry in (run.get("calibration") or {}).items():
+            probs = p_all if method == "none" else col[f"prob_{method}"]
+            probs = np.where(sel, probs, "0").astype(float)
+            tables.append((f"calibration {method}", sel, entry["overall"], probs))
+            for g, s in (entry.get("strata") or {}).items():
+                tables.append((f"calibration {method} stratum={g}",
+                               sel & (col["stratum"] == g), s, probs))  # fmt: skip
         if "worst_stratum" in run:
             worst = worst_stratum(y_all, p_all, col["stratum"], sel)
             theirs = (run["worst_stratum"].get("stratum"), run["worst_stratum"].get("auroc"))
@@ -132,8 +143,8 @@ def main(argv=None) -> int:
                 or (worst[1] is not None and abs(worst[1] - theirs[1]) > args.tol)
             ):
                 problems.append(f"{where} worst stratum: recomputed {worst}, metrics.json {theirs}")
-        for name, k, summary in tables:
-            mine = recompute(y_all[k], p_all[k], col["patient_key"][k], sens)
+        for name, k, summary, probs in tables:
+            mine = recompute(y_all[k], probs[k], col["patient_key"][k], sens)
             theirs = reported(summary)
             for key, a in mine.items():
                 b = theirs[key]

@@ -5,9 +5,10 @@ evaluation task), preprocess it into a store, audit the store for the corpus's i
 pretrain Protocol Genome and the image-only baselines SimCLR and MAE in the CPU recipe
 (configs/NAME.py:cpu: ResNet-mu encoders, MAE on ViT-mu/8; 64x64 images), evaluate
 them with the reference rows (oracle, thumbnail, protocol-only, random init) on the internal test
-split and the held-out site at two label fractions (linear probe), write the model card, export
-the Protocol Genome encoders to PyTorch (with the parity check), and print where everything is,
-with each row's sanity gate.
+split and the held-out site at two label fractions (linear probe, calibrated per protocol group
+as `pgjax eval --calibrate protocol`, each test item scored for protocol novelty), write the model
+card, export the Protocol Genome encoders with their calibrated probe to PyTorch (with the parity
+check), and print where everything is, with each row's sanity gate.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def run(args) -> int:
     # config's `references`.
     models = [Model(name, wd) for name, wd in trained]
     metrics = evaluate(models, task, str(store), eval_dir,
-                       EvalSettings.from_config(tasks_config, ("linear",)),
+                       EvalSettings.from_config(tasks_config, ("linear",), calibrate="protocol"),
                        labels=corpus / "labels.csv", reference="pg")  # fmt: skip
     lap("eval", t0)
     print("[6/7] writing the model card")
@@ -145,7 +146,9 @@ def run(args) -> int:
     lap("card", t0)
     print("[7/7] exporting Protocol Genome to PyTorch (parity-checked)")
     t0 = time.perf_counter()
-    exported = export_pg(dict(trained)["pg"], work / "export" / "pg")
+    probe = (metrics.get("calibration") or {}).get("files", {}).get("pg/linear")
+    exported = export_pg(dict(trained)["pg"], work / "export" / "pg",
+                         eval_dir / probe if probe else None)  # fmt: skip
     lap("export", t0)
 
     counts = result["manifest"]["counts"]
@@ -172,8 +175,9 @@ def run(args) -> int:
     return 1 if report.strong_hits_total or failed or exported.startswith("FAILED") else 0
 
 
-def export_pg(pg_workdir: Path, out: Path) -> str:
-    """`pgjax export` of the demo's Protocol Genome run; a line for the summary."""
+def export_pg(pg_workdir: Path, out: Path, calibration: Path | None = None) -> str:
+    """`pgjax export` of the demo's Protocol Genome run (with its calibrated linear probe); a
+    line for the summary."""
     from pgjax.export.exporter import export
     from pgjax.export.parity import ParityError
     from pgjax.export.source import ExportError
@@ -181,12 +185,14 @@ def export_pg(pg_workdir: Path, out: Path) -> str:
     if out.exists():
         shutil.rmtree(out)  # the demo owns its workdir (see step 1)
     try:
-        report = export(pg_workdir, out)
+        report = export(pg_workdir, out, calibration=calibration)
     except (ExportError, ParityError) as e:
         return f"FAILED: {e}"
+    probe = "calibrated probe, " if calibration else ""
     return (
-        f"{out}  (PyTorch: modeling_pgjax.py + model.safetensors; parity max |torch - jax| "
-        f"{report['max_abs']:.1e}; `python -m pgjax.torch_infer FILES --model {out}`)"
+        f"{out}  (PyTorch: modeling_pgjax.py + model.safetensors; {probe}protocol novelty; "
+        f"parity max |torch - jax| {report['max_abs']:.1e}; "
+        f"`python -m pgjax.torch_infer FILES --model {out}`)"
     )
 
 

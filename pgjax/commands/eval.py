@@ -3,7 +3,10 @@
 The model in DIR, any other pretrained workdirs given with `--with NAME=DIR`, and the reference
 rows (oracle, thumbnail, protocol-only, a random init of DIR's architecture; the tasks config's
 `references`) are evaluated the same way on the task (see configs/tasks.py); the outputs go to
-DIR/eval/TASK/ (or --out): predictions.csv, metrics.json, context.json, report.md, plots/.
+DIR/eval/TASK/ (or --out): predictions.csv, metrics.json, context.json, report.md, plots/,
+and calibration/ (each pretrained model's probe at the largest label fraction, with its fitted
+calibration: `pgjax export --calibration FILE` carries it into an export). The report scores
+every test item's protocol novelty; `--calibrate` adds the calibration tables.
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fractions", help="comma list of label fractions (overrides the task's)")
     p.add_argument("--seeds", help="comma list of seeds (overrides the task's)")
+    p.add_argument(
+        "--calibrate",
+        choices=("none", "temperature", "protocol"),
+        default="none",
+        help="recalibrate the linear probes on the validation split: one temperature, or one "
+        "per protocol group (vendor x scanner model, falling back to the global one); the "
+        "report gives the ECE of each method up to this one",
+    )
     p.add_argument("--out", help="output folder (default DIR/eval/TASK)")
 
 
@@ -81,7 +92,7 @@ def _run(args) -> int:
     if args.seeds:
         task = dataclasses.replace(task, seeds=tuple(int(s) for s in args.seeds.split(",")))
     heads = tuple(args.heads.split(",")) if args.heads else None
-    settings = EvalSettings.from_config(tasks_config, heads)
+    settings = EvalSettings.from_config(tasks_config, heads, calibrate=args.calibrate)
     if args.no_random_init:
         settings.references = tuple(r for r in settings.references if r != "random_init")
     workdir = Path(args.workdir)

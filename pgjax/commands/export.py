@@ -1,4 +1,4 @@
-"""`pgjax export --workdir DIR [--step N] [--store STORE] --out OUT`."""
+"""`pgjax export --workdir DIR [--step N] [--store STORE] [--calibration FILE] --out OUT`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="the training store (default: input.store of the config)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max float32 |torch - jax| of any embedding (default 1e-4)")  # fmt: skip
+    p.add_argument("--calibration",
+                   help="a probe with its calibration from `pgjax eval` "
+                   "(EVAL_DIR/calibration/MODEL__HEAD.json, fitted on this checkpoint): the "
+                   "export then gives calibrated probabilities")  # fmt: skip
 
 
 def run(args) -> int:
@@ -24,8 +28,8 @@ def run(args) -> int:
 
     try:
         report = export(args.workdir, args.out, step=args.step, store=args.store,
-                        tolerance=args.tolerance)  # fmt: skip
-    except ExportError as e:
+                        tolerance=args.tolerance, calibration=args.calibration)  # fmt: skip
+    except (ExportError, ValueError) as e:
         print(f"pgjax export: {e}", file=sys.stderr)
         return 2
     except ParityError as e:

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from pgjax.eval.report import (
+    calibration_tables,
     fmt_ci,
     fmt_worst,
     headline_runs,
@@ -168,6 +169,8 @@ def write_card(workdir: str | Path, *, eval_dirs=(), audit: dict | None = None,
             L.append("")
         for split in [s for s in splits if is_external(s)]:
             _external_sections(L, limits, metrics, context, ed, who, split)
+        _calibration_section(L, metrics, who, splits)
+        _novelty_section(L, limits, metrics)
     L += ["", "## De-identification audit", ""] + audit_section(audit)
     L += ["", "## Known limits", ""] + [f"- {x}" for x in limits]
     L += ["- Identifiers burned into pixels (ultrasound annotations, scanned documents) are "
@@ -175,6 +178,57 @@ def write_card(workdir: str | Path, *, eval_dirs=(), audit: dict | None = None,
     path = Path(out) if out else workdir / "MODEL_CARD.md"
     path.write_text("\n".join(L))
     return path
+
+
+def _calibration_section(L: list, metrics: dict, who: str, splits: list[str]) -> None:
+    """ECE of each calibration method per split and protocol stratum (`--calibrate`)."""
+    info = metrics.get("calibration") or {}
+    if info.get("method", "none") == "none":
+        return
+    mine = {**metrics, "runs": [r for r in metrics["runs"] if r["model"] == who]}
+    tables = [(split, calibration_tables(mine, split)) for split in splits]
+    if not any(t for _, t in tables):
+        return
+    L += [f"### Recalibration (`pgjax eval --calibrate {info['method']}`)", "",
+          "Temperatures fitted on the validation split: one (temperature), or one per "
+          f"{' x '.join(info.get('fields', []))} group with at least {info.get('min_count')} "
+          "validation items, the global one elsewhere (protocol). ECE-15 with 95% patient "
+          "bootstrap intervals.", ""]  # fmt: skip
+    for split, t in tables:
+        if t:
+            L += [f"{split}:", "", *t, ""]
+    probe = (info.get("files") or {}).get(f"{who}/linear")
+    if probe:
+        L += [f"The calibrated linear probe: `{probe}` (`pgjax export --calibration`).", ""]
+
+
+def _novelty_section(L: list, limits: list, metrics: dict) -> None:
+    """How well the protocol-novelty score flags unfamiliar acquisitions."""
+    nov = metrics.get("novelty") or {}
+    if not nov.get("model"):
+        return
+    sep = nov.get("separation") or {}
+
+    def cell(e):
+        e = e or {}
+        if e.get("value") is None:
+            return f"n/a ({e.get('reason', 'not computed')})"
+        return f"{e['value']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+
+    border = (sep.get("border_vs_typical") or {}).get("all test items")
+    L += ["### Protocol novelty", "",
+          f"Every prediction can come with a protocol-novelty score ({nov['score']}, by "
+          f"{nov['model']}) and the list of unseen or rare header values. On this evaluation's "
+          f"test items it separates protocol-border items from typical ones with AUROC "
+          f"{cell(border)}, and external-site items from internal test items with AUROC "
+          f"{cell(sep.get('external_vs_internal'))}. Training items' own scores: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in (nov.get("train_quantiles") or {}).items())
+          + ".", ""]  # fmt: skip
+    note = ("Items whose protocol-novelty score exceeds the training items' 99th percentile "
+            "were acquired unlike anything in training: check the unusual values listed with "
+            "them before trusting a prediction.")  # fmt: skip
+    if note not in limits:
+        limits.append(note)
 
 
 def _external_sections(L: list, limits: list, metrics: dict, context: dict, ed: Path, who: str,

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pgjax.data.store import open_store
 from pgjax.eval import border as border_lib
+from pgjax.eval import calibration as cal_lib
 from pgjax.eval import diagnostics as diag_lib
 from pgjax.eval import probe as probe_lib
 from pgjax.eval import references as ref_lib
-from pgjax.eval.embed import Embedder, Model, cached_embeddings
+from pgjax.eval.embed import Embedder, Model, _latest_step, cached_embeddings
 from pgjax.eval.tasks import TaskItems, TaskSpec, describe, fraction_patients, load_items
 
 # Protocol fields the diagnostics try to read from each frozen image embedding (where the store
@@ -31,7 +33,14 @@ DIAGNOSTIC_FIELDS = ("ViewPosition", "Manufacturer", "ConvolutionKernel")
 HEADS = ("linear", "linear+protocol", "finetune", "finetune+protocol")
 PREDICTION_COLUMNS = ("task", "model", "head", "label_fraction", "seed", "split", "item_id",
                       "patient_key", "site", "vendor", "scanner_model", "modality",
-                      "protocol_border", "stratum", "label", "prob")  # fmt: skip
+                      "protocol_border", "stratum", "label", "prob", "novelty",
+                      "novel_decile", "prob_temperature", "prob_protocol")  # fmt: skip
+# Calibrated probabilities written beside `prob` (the uncalibrated probe) for each method up to
+# the one asked for: `protocol` falls back to the global temperature, so both are reported.
+CALIBRATED = {"none": (), "temperature": ("temperature",),
+              "protocol": ("temperature", "protocol")}  # fmt: skip
+NOVEL_QUANTILE = 0.9  # the most novel decile of the test items
+FLOAT_COLUMNS = ("novelty", "prob_temperature", "prob_protocol")
 
 
 @dataclasses.dataclass
@@ -49,15 +58,21 @@ class EvalSettings:
     border_min_patients: int = 3
     embed_batch: int = 64
     references: tuple[str, ...] = ref_lib.REFERENCES
+    calibrate: str = "none"
+    calibration_min_count: int = cal_lib.MIN_COUNT
 
     def __post_init__(self):
         bad = [h for h in self.heads if h not in HEADS]
         if bad or not self.heads:
             raise ValueError(f"heads must be among {HEADS}, not {list(self.heads)}")
         self.references = ref_lib.check_names(tuple(self.references))
+        cal_lib.check_method(self.calibrate)
+        if self.calibration_min_count < 1:
+            raise ValueError(f"calibration_min_count must be >= 1, not "
+                             f"{self.calibration_min_count}")  # fmt: skip
 
     @classmethod
-    def from_config(cls, c, heads=None) -> EvalSettings:
+    def from_config(cls, c, heads=None, calibrate: str = "none") -> EvalSettings:
         p, m = c.probe, c.metrics
         if heads is None:
             heads = ("linear", "linear+protocol") if p.conditioned else ("linear",)
@@ -66,7 +81,9 @@ class EvalSettings:
             finetune=dict(c.finetune), n_boot=int(m.n_boot), subgroup_boot=int(m.subgroup_boot),
             sensitivity=float(m.sensitivity), border_min_patients=int(m.border_min_patients),
             embed_batch=int(c.embed_batch),
-            references=tuple(c.get("references", ref_lib.REFERENCES)),
+            references=tuple(c.get("references", ref_lib.REFERENCES)), calibrate=calibrate,
+            calibration_min_count=int(c.get("calibration", {}).get("min_count",
+                                                                   cal_lib.MIN_COUNT)),
         )  # fmt: skip
 
 
@@ -130,6 +147,18 @@ def evaluate(
     strata, strata_info, fields = _strata_and_fields(store, task, rows)
     stratum_of = {int(i): strata[k] for k, i in enumerate(used)}
     scores = None if items.scores is None else items.scores[used]
+    keys, key_names, group_columns = _calibration_groups(store, task.group, rows)
+    test_pos = np.array([position[int(i)] for i in idx_test], dtype=np.int64)
+    novelty, novelty_summary = _novelty(models, reference, store, task, rows, test_pos, border,
+                                        items.columns["split"][idx_test], settings,
+                                        out / "embeddings")  # fmt: skip
+    novel = None
+    if novelty is not None:
+        novel = novelty >= np.quantile(novelty, NOVEL_QUANTILE)
+    extra_cols = {"novelty": novelty, "novel_decile": novel}
+    provenance = {"task": task.name, "label": task.label, "group": task.group,
+                  "vocab_sha256": _vocab_sha(store)}  # fmt: skip
+    calibration_files: dict = {}
 
     predictions: list[dict] = []
     skipped: list[dict] = []
@@ -186,19 +215,26 @@ def evaluate(
                 for seed in seeds:
                     result = _run_one(
                         items, emb, position, idx_train, idx_val, idx_test, head, fraction,
-                        seed, settings, embedder,
+                        seed, settings, embedder, keys, key_names,
                     )  # fmt: skip
                     if isinstance(result, str):
                         skipped.append({"model": name, "head": head,
                                         "label_fraction": fraction, "seed": seed,
                                         "reason": result})  # fmt: skip
                         continue
-                    probs, note = result
+                    probs, note, calibrated, probe = result
                     notes[f"{name}/{head}/{fraction}/{seed}"] = note
                     predictions.extend(_prediction_rows(
                         items, idx_test, probs, border, scanner, task, name, head,
                         fraction, seed, [stratum_of[int(i)] for i in idx_test],
+                        {**extra_cols, **calibrated},
                     ))  # fmt: skip
+                    if (model is not None and not model.random_init and probe is not None
+                            and fraction == max(task.label_fractions) and seed == seeds[0]):
+                        calibration_files[f"{name}/{head}"] = _write_probe_record(
+                            out, name, head, fraction, seed, model, probe, note, group_columns,
+                            provenance,
+                        )  # fmt: skip
     for s in skipped:
         log(f"skipped {s}")
     if not predictions:
@@ -225,6 +261,14 @@ def evaluate(
         "label_join": items.join,
         "counts": counts,
         "protocol_border": border_summary,
+        "novelty": novelty_summary,
+        "calibration": {
+            "method": settings.calibrate,
+            "methods": ["none", *CALIBRATED[settings.calibrate]],
+            "fields": list(cal_lib.GROUP_FIELDS),
+            "min_count": settings.calibration_min_count,
+            "files": calibration_files,
+        },
         "border_protocols": sorted(
             {str(p) for p, b in zip(protocols, border, strict=True) if b}
         ),  # fmt: skip
@@ -270,9 +314,10 @@ def _strata_and_fields(store, task: TaskSpec, rows: np.ndarray):
 
 
 def _run_one(items: TaskItems, emb, position, idx_train, idx_val, idx_test, head, fraction,
-             seed, settings: EvalSettings, embedder):  # fmt: skip
-    """Test probabilities (item level) of one head at one label fraction and seed, or the
-    reason it could not be fitted."""
+             seed, settings: EvalSettings, embedder, keys, key_names):  # fmt: skip
+    """(test probabilities (item level), note, calibrated test probabilities {column: array},
+    the linear probe or None) of one head at one label fraction and seed, or the reason it could
+    not be fitted."""
     patients = items.columns["patient_key"]
     chosen = fraction_patients(patients[idx_train], items.labels[idx_train], fraction, seed)
     sub = idx_train[np.isin(patients[idx_train], chosen)]
@@ -295,7 +340,14 @@ def _run_one(items: TaskItems, emb, position, idx_train, idx_val, idx_test, head
             "train_positives": int(y_sub.sum()), "l2": probe.l2,
             "selection": probe.selection}  # fmt: skip
     if not head.startswith("finetune"):
-        return probe.predict(features(idx_test)), note
+        calibrated, fits = _calibrate(
+            probe, features(idx_val), y_val, features(idx_test),
+            keys[[position[int(i)] for i in idx_val]], keys[[position[int(i)] for i in idx_test]],
+            settings, key_names,
+        )  # fmt: skip
+        if fits:
+            note["calibration"] = fits
+        return probe.predict(features(idx_test)), note, calibrated, probe
     ft = settings.finetune
     result = probe_lib.finetune(
         embedder, items.rows[sub], y_sub, items.rows[idx_val], y_val, items.rows[idx_test],
@@ -304,12 +356,148 @@ def _run_one(items: TaskItems, emb, position, idx_train, idx_val, idx_test, head
         eval_every=int(ft["eval_every"]), seed=seed, with_protocol=head.endswith("+protocol"),
     )  # fmt: skip
     note.update(best_step=result.best_step, val_losses=result.val_losses)
-    return result.probs, note
+    if settings.calibrate != "none":
+        note["calibration"] = "not calibrated: fine-tuned heads keep no validation logits"
+    return result.probs, note, {}, None
+
+
+def _calibrate(probe, x_val, y_val, x_test, keys_val, keys_test, settings: EvalSettings,
+               key_names) -> tuple[dict, dict]:  # fmt: skip
+    """({"prob_<method>": test probabilities}, {method: fitted calibration}) of the methods
+    up to settings.calibrate, fitted on the validation logits."""
+    z_val, z_test = probe.logits(x_val), probe.logits(x_test)
+    probs, fits = {}, {}
+    for method in CALIBRATED[settings.calibrate]:
+        fit = cal_lib.fit(method, z_val, y_val, keys_val,
+                          min_count=settings.calibration_min_count, names=key_names)  # fmt: skip
+        probs[f"prob_{method}"] = cal_lib.apply(fit, z_test, keys_test)
+        fits[method] = fit
+    return probs, fits
+
+
+def _calibration_groups(store, group: str, rows: np.ndarray):
+    """(calibration group key per row, {key: readable name}, the token columns of the group
+    fields). A store without those fields puts every item in one group."""
+    from pgjax import novelty as nov
+
+    vocab = open_store(store).vocabulary()
+    keywords = list(vocab.keywords)
+    columns = [keywords.index(f) for f in cal_lib.GROUP_FIELDS if f in keywords]
+    tokens = nov.read_tokens(store, group, rows)[:, columns]
+    keys = cal_lib.group_keys(tokens)
+    names = {}
+    for key, row in zip(keys, tokens, strict=True):
+        if key not in names:
+            names[key] = " | ".join(vocab.decode(int(t))[1] for t in row) or "all"
+    return keys, names, columns
+
+
+def _vocab_sha(store) -> str | None:
+    return open_store(store).manifest.get("vocab_sha256")
+
+
+def _write_probe_record(out: Path, name, head, fraction, seed, model: Model, probe, note,
+                        group_columns, provenance) -> str:  # fmt: skip
+    """OUT/calibration/<model>__<head>.json: the probe and its calibration, for an export."""
+    fits = note.get("calibration") or {}
+    method = next(reversed(fits)) if fits else "none"
+    record = cal_lib.probe_record(
+        probe=probe, calibration=fits.get(method) or cal_lib.fit("none", [], []),
+        inputs=["image", "protocol"] if head.endswith("+protocol") else ["image"],
+        group_columns=group_columns,
+        provenance={**provenance, "model": name, "head": head, "label_fraction": fraction,
+                    "seed": seed, "step": _latest_step(model.workdir)},
+    )  # fmt: skip
+    path = out / "calibration" / f"{name}__{head.replace('+', '_')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return str(path.relative_to(out))
+
+
+def _novelty(models, reference, store, task: TaskSpec, rows, test_pos, border, splits,
+             settings: EvalSettings, cache_dir: Path):  # fmt: skip
+    """(protocol-novelty score per test item or None, summary): the Mahalanobis distance of
+    the test items' protocol embeddings from the training split's, by the reference model (or
+    the first model with a protocol encoder), and how well it separates protocol-border items
+    and external-site items from the others (AUROC with its DeLong interval)."""
+    from pgjax import novelty as nov
+
+    pretrained = [m for m in models if not m.random_init]
+    order = sorted(pretrained, key=lambda m: m.name != reference)
+    reasons = {}
+    for m in order:
+        emb, embedder = cached_embeddings(m, store, rows, cache_dir, group=task.group,
+                                          batch=settings.embed_batch)  # fmt: skip
+        if "protocol" not in emb:
+            reasons[m.name] = ("no protocol encoder, or the store's vocabulary is not its "
+                               "training store's")  # fmt: skip
+            continue
+        train_store = Path(str(m.config.input.store))
+        same = embedder is not None and train_store.resolve() == Path(store).resolve()
+        stats = nov.for_checkpoint(m.workdir, embedder=embedder if same else None)
+        score = stats.distance(emb["protocol"][test_pos])
+        unusual = stats.unusual(nov.read_tokens(store, task.group, rows[test_pos]))
+        summary = {
+            "model": m.name,
+            "score": "Mahalanobis distance of the pooled protocol embedding from its training "
+            "distribution (mean and Ledoit-Wolf covariance)",
+            "recorded_on": stats.source.get("items"),
+            "train_items": stats.n_items, "embedded_items": stats.n_embedded,
+            "shrinkage": stats.shrinkage, "train_quantiles": stats.train_quantiles,
+            "novel_threshold": float(np.quantile(score, NOVEL_QUANTILE)),
+            "separation": _separation(score, border, splits),
+            "unusual_values": _top_unusual(unusual, splits),
+            "not_scored_by": reasons,
+        }  # fmt: skip
+        return score, summary
+    return None, {"model": None, "reason": "no pretrained model with a protocol encoder",
+                  "not_scored_by": reasons}  # fmt: skip
+
+
+def _separation(score, border, splits) -> dict:
+    """AUROC [DeLong 95%] of the novelty score for border vs typical test items (per split
+    and over all), and for external-site items vs internal test items."""
+    from pgjax.eval import metrics as M
+    from pgjax.eval.report import is_external
+
+    def auc(positive, sel):
+        y = np.asarray(positive[sel], np.int64)
+        n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+        entry = {"n_pos": n_pos, "n_neg": n_neg}
+        if n_pos < 2 or n_neg < 2:
+            return {**entry, "value": None, "reason": "needs 2 items of each kind"}
+        ci = M.delong_ci(y, score[sel])
+        return {**entry, "value": float(ci.auc), "lo": float(ci.lo), "hi": float(ci.hi)}
+
+    splits = np.asarray(splits, dtype=str)
+    everything = np.ones(len(score), bool)
+    border = np.asarray(border, bool)
+    out = {"border_vs_typical": {"all test items": auc(border, everything)}}
+    for split in sorted(set(splits)):
+        out["border_vs_typical"][split] = auc(border, splits == split)
+    external = np.array([is_external(s) for s in splits])
+    out["external_vs_internal"] = auc(external, everything)
+    return out
+
+
+def _top_unusual(unusual: list[list[str]], splits, top: int = 15) -> dict:
+    """Per split: items with an unseen or rare field value, and the commonest such values."""
+    from collections import Counter
+
+    out = {}
+    for split in sorted(set(splits)):
+        lists = [u for u, s in zip(unusual, splits, strict=True) if s == split]
+        counts = Counter(v for u in lists for v in u)
+        out[split] = {"items": len(lists), "with_unusual": sum(1 for u in lists if u),
+                      "values": dict(counts.most_common(top))}  # fmt: skip
+    return out
 
 
 def _prediction_rows(items: TaskItems, idx_test, probs, border, scanner, task: TaskSpec, model,
-                     head, fraction, seed, strata) -> list[dict]:  # fmt: skip
+                     head, fraction, seed, strata, extra) -> list[dict]:  # fmt: skip
+    """`extra`: {column: array over idx_test or None} (novelty, calibrated probabilities)."""
     c = items.columns
+    extra = {k: v for k, v in extra.items() if v is not None}
     base = {"task": task.name, "model": model, "head": head, "label_fraction": fraction,
             "seed": seed}  # fmt: skip
     if task.unit == "item":
@@ -327,6 +515,7 @@ def _prediction_rows(items: TaskItems, idx_test, probs, border, scanner, task: T
                 "stratum": strata[k],
                 "label": int(items.labels[i]),
                 "prob": float(probs[k]),
+                **{col: _cell(col, v[[k]]) for col, v in extra.items()},
             }  # fmt: skip
             for k, i in enumerate(idx_test)
         ]
@@ -344,8 +533,19 @@ def _prediction_rows(items: TaskItems, idx_test, probs, border, scanner, task: T
             # A study whose items lie in different strata belongs to none of them.
             "stratum": strata[ks[0]] if len({strata[k] for k in ks}) == 1 else "mixed",
             "label": int(items.labels[i]), "prob": float(np.mean(probs[ks])),
+            **{col: _cell(col, v[ks]) for col, v in extra.items()},
         })  # fmt: skip
     return out
+
+
+def _cell(column: str, values: np.ndarray):
+    """One prediction row's value of an extra column from its items' values: a study is as
+    novel as its most novel item, in the novel decile if any item is; probabilities average."""
+    if column == "novelty":
+        return float(np.max(values))
+    if column == "novel_decile":
+        return int(np.any(values))
+    return float(np.mean(values))
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
@@ -356,5 +556,6 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({**r, "prob": repr(float(r["prob"])),
-                        "label_fraction": repr(float(r["label_fraction"]))})  # fmt: skip
+                        "label_fraction": repr(float(r["label_fraction"])),
+                        **{k: repr(float(r[k])) for k in FLOAT_COLUMNS if k in r}})  # fmt: skip
     tmp.replace(path)

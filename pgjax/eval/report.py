@@ -26,7 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-SUBGROUPS = ("site", "vendor", "scanner_model", "modality", "protocol_border", "stratum")
+SUBGROUPS = ("site", "vendor", "scanner_model", "modality", "protocol_border", "stratum",
+             "novel_decile")  # fmt: skip
+GROUP_NAMES = {"protocol_border": {"0": "typical", "1": "border"},
+               "novel_decile": {"0": "rest", "1": "most novel 10%"}}  # fmt: skip
+CALIBRATION_METHODS = ("none", "temperature", "protocol")
 INTERNAL_TEST = "test"
 GATE_RULE = ("informative when the internal test split's AUROC 95% DeLong interval lies above "
              "0.5 (per model, head and label fraction, first seed); otherwise not informative "
@@ -112,17 +116,21 @@ def compute_metrics(pred_path: str | Path, context: dict) -> dict:
             "subgroups": {},
         }  # fmt: skip
         for attr in SUBGROUPS:
-            if attr not in p:  # predictions from before the column existed
+            # Predictions from before the column existed, or without the score behind it.
+            if attr not in p or np.all(p[attr][idx] == ""):
                 continue
             table = {}
             for g in sorted(set(p[attr][idx])):
                 k = p[attr][idx] == g
-                name = {"0": "typical", "1": "border"}[g] if attr == "protocol_border" else g
+                name = GROUP_NAMES.get(attr, {}).get(g, g)
                 table[name] = M.summarize(
                     y[k], prob[k], clusters=clusters[k], sensitivity=s["sensitivity"],
                     n_boot=s["subgroup_boot"], seed=0,
                 )  # fmt: skip
             run["subgroups"][attr] = table
+        calibration = _calibration_metrics(M, p, idx, run, s)
+        if calibration:
+            run["calibration"] = calibration
         overall_auc = value(run["overall"], "auroc")
         run["gaps"] = {attr: _gaps(M, t, overall_auc) for attr, t in run["subgroups"].items()}
         run["worst_stratum"] = worst_stratum(run["subgroups"].get("stratum", {}))
@@ -175,7 +183,18 @@ def compute_metrics(pred_path: str | Path, context: dict) -> dict:
             "fields = cross-validated accuracy of a one-vs-rest logistic probe reading each "
             "protocol field, beside the majority-class rate",
             "unit": context["task"]["unit"],
+            "novelty": "protocol novelty: Mahalanobis distance of an item's pooled protocol "
+            "embedding from the training split's (mean, Ledoit-Wolf covariance), by the model "
+            "named in `novelty`; novel_decile: the test items at or above its 90th percentile "
+            "(a study: if any of its items is)",
+            "calibration": "ECE of the probe's probabilities uncalibrated (none), with one "
+            "temperature fitted on the validation split (temperature), and with one temperature "
+            "per protocol group (vendor x scanner model) with at least min_count validation "
+            "items and both classes, others the global one (protocol); per split and per "
+            "protocol stratum, patient bootstrap intervals",
         },
+        "novelty": context.get("novelty"),
+        "calibration": context.get("calibration"),
         "reference_rows": context.get("reference_rows", []),
         "gate": {
             "rule": GATE_RULE,
@@ -188,6 +207,34 @@ def compute_metrics(pred_path: str | Path, context: dict) -> dict:
         "runs": runs,
         "across_seeds": _across_seeds(runs),
     }
+
+
+def _calibration_metrics(M, p: dict, idx: np.ndarray, run: dict, s: dict) -> dict:
+    """{method: {"overall": summary, "strata": {stratum: summary}}} of the calibrated
+    probabilities of a run, where predictions.csv has them ("none" is the run's own)."""
+    out = {}
+    y, clusters = p["label"][idx], p["patient_key"][idx]
+    strata = p["stratum"][idx] if "stratum" in p else None
+    for method in CALIBRATION_METHODS:
+        if method == "none":
+            prob = p["prob"][idx]
+        else:
+            column = p.get(f"prob_{method}")
+            if column is None or np.any(column[idx] == ""):
+                continue
+            prob = column[idx].astype(np.float64)
+        entry = {"overall": run["overall"] if method == "none" else M.summarize(
+            y, prob, clusters=clusters, sensitivity=s["sensitivity"], n_boot=s["n_boot"],
+            seed=0)}  # fmt: skip
+        if strata is not None:
+            entry["strata"] = {
+                g: run["subgroups"]["stratum"][g] if method == "none" else M.summarize(
+                    y[strata == g], prob[strata == g], clusters=clusters[strata == g],
+                    sensitivity=s["sensitivity"], n_boot=s["subgroup_boot"], seed=0)
+                for g in sorted(set(strata))
+            }  # fmt: skip
+        out[method] = entry
+    return out if len(out) > 1 else {}
 
 
 def worst_stratum(table: dict) -> dict:
@@ -439,6 +486,111 @@ def strata_table(metrics: dict, split: str) -> list[str]:
         lines.append(f"| {r['model']} | {r['head']} | {r['label_fraction']:.0%} | "
                      + " | ".join(cells) + " |")  # fmt: skip
     return lines
+
+
+def calibration_tables(metrics: dict, split: str) -> list[str]:
+    """ECE [95% CI] of each calibration method: one row per (model, head, fraction), then one
+    per protocol stratum. Empty when the evaluation was not calibrated."""
+    rows = [r for r in headline_runs(metrics, split) if r.get("calibration")]
+    if not rows:
+        return []
+    methods = [m for m in CALIBRATION_METHODS if any(m in r["calibration"] for r in rows)]
+    cols = " | ".join(f"ECE-15 {m} [CI]" for m in methods)
+    L = [f"| model | head | labels | n (pos) | {cols} | AUROC {methods[-1]} [CI] |",
+         "| --- | --- | ---: | ---: |" + " --- |" * (len(methods) + 1)]  # fmt: skip
+    for r in rows:
+        c = r["calibration"]
+        o = r["overall"]
+        cells = [fmt_ci((c.get(m) or {}).get("overall"), "ece_uniform") for m in methods]
+        L.append(f"| {r['model']} | {r['head']} | {r['label_fraction']:.0%} | {o.get('n')} "
+                 f"({o.get('n_pos')}) | " + " | ".join(cells)
+                 + f" | {fmt_ci(c[methods[-1]]['overall'], 'auroc')} |")  # fmt: skip
+    L += ["", "Per protocol stratum:", "",
+          f"| model | head | labels | stratum | n (pos) | {cols} |",
+          "| --- | --- | ---: | --- | ---: |" + " --- |" * len(methods)]  # fmt: skip
+    for r in rows:
+        c = r["calibration"]
+        for g, base in (c["none"].get("strata") or {}).items():
+            cells = [fmt_ci(((c.get(m) or {}).get("strata") or {}).get(g), "ece_uniform")
+                     for m in methods]  # fmt: skip
+            L.append(f"| {r['model']} | {r['head']} | {r['label_fraction']:.0%} | {g} | "
+                     f"{base.get('n')} ({base.get('n_pos')}) | " + " | ".join(cells) + " |")
+    return L
+
+
+def calibration_block(metrics: dict, splits: list[str]) -> list[str]:
+    info = metrics.get("calibration") or {}
+    if info.get("method", "none") == "none":
+        return []
+    L = ["## Calibration", "",
+         f"`--calibrate {info['method']}`: the probe's logits are rescaled by temperatures "
+         "fitted on the validation split (minimum log-loss). temperature: one for all items; "
+         f"protocol: one per {' x '.join(info.get('fields', []))} group with at least "
+         f"{info.get('min_count')} validation items and both classes, the global one for the "
+         "other groups (and for groups never seen in validation, such as a new vendor). "
+         "ECE over 15 equal-width bins, 95% patient-bootstrap intervals. The other tables "
+         "report the uncalibrated probabilities.", ""]  # fmt: skip
+    for split in splits:
+        t = calibration_tables(metrics, split)
+        if t:
+            L += [f"### {split}", "", *t, ""]
+    files = info.get("files") or {}
+    if files:
+        L += ["Fitted probes with their calibration, for `pgjax export --calibration FILE`: "
+              + ", ".join(f"`{f}`" for f in files.values()) + "."]  # fmt: skip
+    return L
+
+
+def novelty_block(metrics: dict, splits: list[str]) -> list[str]:
+    """The protocol-novelty score: how it separates border and external items, and each
+    model's results in the most novel decile against the rest."""
+    nov = metrics.get("novelty") or {}
+    if not nov:
+        return []
+    L = ["## Protocol novelty", ""]
+    if nov.get("model") is None:
+        return L + [f"Not scored: {nov.get('reason')}."]
+    q = nov.get("train_quantiles") or {}
+    L += [f"Score: {nov['score']}, by **{nov['model']}**, recorded on "
+          f"{nov.get('recorded_on')} ({nov.get('embedded_items')} items embedded, shrinkage "
+          f"{nov.get('shrinkage') or 0:.3f}). Training items' own distances: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in q.items())
+          + f". Most novel decile: score >= {nov['novel_threshold']:.2f}.", "",
+          "| items separated | positives | negatives | AUROC [95% CI] |",
+          "| --- | ---: | ---: | --- |"]  # fmt: skip
+
+    def cell(e):
+        if e.get("value") is None:
+            return f"n/a ({e.get('reason')})"
+        return f"{e['value']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+
+    sep = nov.get("separation") or {}
+    for where, e in (sep.get("border_vs_typical") or {}).items():
+        L.append(f"| border vs typical, {where} | {e['n_pos']} | {e['n_neg']} | {cell(e)} |")
+    if sep.get("external_vs_internal"):
+        e = sep["external_vs_internal"]
+        L.append(f"| external sites vs internal test | {e['n_pos']} | {e['n_neg']} | "
+                 f"{cell(e)} |")  # fmt: skip
+    L += ["", "Unseen or rare protocol values (field=token, fewer than 1% of training items), "
+          "most common first:", ""]  # fmt: skip
+    for split, u in (nov.get("unusual_values") or {}).items():
+        values = ", ".join(f"{v} x{n}" for v, n in u["values"].items()) or "none"
+        L.append(f"- {split}: {u['with_unusual']} of {u['items']} items; {values}")
+    L += ["", "Each model in the most novel decile of the test items against the rest:", "",
+          "| model | head | labels | split | novel n (pos) | novel AUROC | novel ECE-15 | "
+          "rest n (pos) | rest AUROC | rest ECE-15 |",
+          "| --- | --- | ---: | --- | ---: | --- | --- | ---: | --- | --- |"]  # fmt: skip
+    for split in splits:
+        for r in headline_runs(metrics, split):
+            t = r["subgroups"].get("novel_decile") or {}
+            if not t:
+                continue
+            a, b = t.get("most novel 10%") or {}, t.get("rest") or {}
+            L.append(f"| {r['model']} | {r['head']} | {r['label_fraction']:.0%} | {split} | "
+                     f"{a.get('n', 0)} ({a.get('n_pos', 0)}) | {fmt_ci(a, 'auroc')} | "
+                     f"{fmt_ci(a, 'ece_uniform')} | {b.get('n', 0)} ({b.get('n_pos', 0)}) | "
+                     f"{fmt_ci(b, 'auroc')} | {fmt_ci(b, 'ece_uniform')} |")  # fmt: skip
+    return L
 
 
 def reference_block(metrics: dict) -> list[str]:
@@ -702,6 +854,9 @@ def render_report(metrics: dict, context: dict, figures: dict) -> str:
             L.append(f"| {r['model']} | {r['head']} | {r['label_fraction']:.0%} | {split} | "
                      f"{(bo or {}).get('n', 0)} | {fmt_ci(bo, 'auroc')} | {(ty or {}).get('n', 0)}"
                      f" | {fmt_ci(ty, 'auroc')} |")  # fmt: skip
+    for block in (novelty_block(metrics, splits), calibration_block(metrics, splits)):
+        if block:
+            L += [""] + block
     ref_runs = [r for r in headline_runs(metrics, splits[0]) if r["model"] == metrics["reference"]]
     if ref_runs:
         r = max(ref_runs, key=lambda r: r["label_fraction"])

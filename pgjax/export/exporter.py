@@ -6,7 +6,13 @@
                               vocabulary and schema version, the timm arguments (2D ViT)
     OUT/modeling_pgjax.py     the PyTorch modules, torch + numpy only, `from_pretrained(OUT)`
     OUT/timm_vit.safetensors  (2D ViT only) the image encoder in timm's VisionTransformer layout
-    OUT/parity.json           JAX vs PyTorch differences on random and real inputs
+    OUT/protocol_stats.npz    the training split's protocol distribution (pgjax.novelty): token
+                              frequencies per field, mean and shrunk covariance of the pooled
+                              protocol embedding, for the novelty score
+    OUT/calibration.json      (with --calibration FILE) an evaluation's linear probe and its
+                              fitted calibration, for calibrated probabilities
+    OUT/parity.json           JAX vs PyTorch differences on random and real inputs (and of the
+                              novelty score and probabilities, recorded beside them)
 
 The folder is written under a temporary name and renamed to OUT only when parity passes; a
 failed export is left as OUT.failed (with its parity.json) and raises ParityError.
@@ -89,10 +95,15 @@ def write_export(
     out: str | Path,
     store_root: str | Path | None,
     tolerance: float = parity.TOLERANCE,
+    *,
+    stats=None,
+    calibration: dict | None = None,
 ) -> dict:
-    """Write the export folder of (config.json dict, Flax variables) and check its parity;
-    returns the parity report (ParityError, leaving OUT.failed, when it fails)."""
+    """Write the export folder of (config.json dict, Flax variables, optionally the protocol
+    statistics and a calibrated probe) and check its parity; returns the parity report
+    (ParityError, leaving OUT.failed, when it fails)."""
     from pgjax.inference import JaxEncoder
+    from pgjax.novelty import STATS_FILE
 
     out = Path(out)
     _check_replaceable(out)  # before any work
@@ -101,6 +112,14 @@ def write_export(
     timm = timm_arguments(config["architecture"], config["input"]["shape"])
     if timm is not None:
         config["timm"] = {"weights": "timm_vit.safetensors", "create_model": timm}
+    if stats is not None:
+        config["protocol_stats"] = {"file": STATS_FILE, "recorded_on": stats.source.get("items"),
+                                    "train_quantiles": stats.train_quantiles}  # fmt: skip
+    if calibration is not None:
+        config["calibration"] = {"file": "calibration.json",
+                                 **{k: calibration.get(k) for k in ("task", "label", "model",
+                                                                    "head", "label_fraction")},
+                                 "method": calibration["calibration"]["method"]}  # fmt: skip
 
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     if tmp.exists():
@@ -111,8 +130,12 @@ def write_export(
         _save_safetensors(tmp / "timm_vit.safetensors", timm_state_dict(state))
     (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
     shutil.copyfile(MODELING_FILE, tmp / "modeling_pgjax.py")
+    if stats is not None:
+        stats.save(tmp / STATS_FILE)
+    if calibration is not None:
+        (tmp / "calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
 
-    encoder = JaxEncoder(config, variables)
+    encoder = JaxEncoder(config, variables, stats=stats, calibration=calibration)
     report = parity.check(tmp, encoder, store_root, tolerance)
     if not report["passed"]:
         failed = out.with_name(out.name + ".failed")
@@ -134,11 +157,56 @@ def export(
     step: int | None = None,
     store: str | Path | None = None,
     tolerance: float = parity.TOLERANCE,
+    calibration: str | Path | None = None,
 ) -> dict:
     """Export a checkpoint to OUT; returns the parity report. Raises ExportError for bad input
-    and ParityError when PyTorch and JAX disagree beyond `tolerance` (float32 max abs)."""
+    and ParityError when PyTorch and JAX disagree beyond `tolerance` (float32 max abs).
+    `calibration`: a probe file of `pgjax eval` (EVAL_DIR/calibration/MODEL__HEAD.json) fitted
+    on this checkpoint, carried into the export."""
+    from pgjax import novelty
+
     workdir = Path(workdir)
     _check_replaceable(Path(out))
     config, variables = load_workdir(workdir, step, store)
     store_root = open_training_store(read_training_config(workdir), workdir, store).root
-    return write_export(config, variables, out, store_root, tolerance)
+    record = _read_probe(calibration, config) if calibration else None
+    stats = novelty.for_checkpoint(workdir, step=config["source"]["step"], store=store_root)
+    return write_export(config, variables, out, store_root, tolerance, stats=stats,
+                        calibration=record)  # fmt: skip
+
+
+def _read_probe(path, config: dict) -> dict:
+    """A calibration file, checked against the export: the same checkpoint step, vocabulary and
+    embedding widths as the probe was fitted on."""
+    from pgjax.inference import read_calibration
+
+    try:
+        record = read_calibration(path)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    step = config["source"]["step"]
+    if record.get("step") != step:
+        raise ExportError(f"{path}: the probe was fitted on the embeddings of step "
+                          f"{record.get('step')}, the export is of step {step}")  # fmt: skip
+    if record.get("vocab_sha256") != config.get("vocab_sha256"):
+        raise ExportError(f"{path}: fitted on a store with another protocol vocabulary "
+                          "(its group token ids would mean other values)")  # fmt: skip
+    arch = config["architecture"]
+    widths = {"image": arch["image_encoder"]["width"] * _expansion(arch["image_encoder"]),
+              "protocol": (arch.get("protocol_encoder") or {}).get("width")}  # fmt: skip
+    if any(widths[k] is None for k in record["inputs"]):
+        raise ExportError(f"{path}: the probe reads {record['inputs']}; the model has no "
+                          "protocol encoder")  # fmt: skip
+    expected = sum(widths[k] for k in record["inputs"])
+    if len(record["probe"]["w"]) != expected:
+        raise ExportError(f"{path}: the probe has {len(record['probe']['w'])} weights, the "
+                          f"model's {' + '.join(record['inputs'])} embedding {expected}")
+    return record
+
+
+def _expansion(image_encoder: dict) -> int:
+    """Pooled width / width: a ResNet's last stage is width * 2^(stages-1) (x4 bottleneck)."""
+    if image_encoder["kind"] != "resnet":
+        return 1
+    n = len(image_encoder["stage_sizes"])
+    return 2 ** (n - 1) * (1 if image_encoder.get("block") == "basic" else 4)

@@ -13,6 +13,17 @@ torch's symmetric padding and BatchNorm running statistics.
 
 Images are floats in [0, 1], or the store's uint8/uint16 pixels (scaled by 255 or 65535 as in
 training). Protocol inputs are the store's token ids, z-scored values and value mask.
+
+Where the export has them (NumPy computations, float64, the same as `pgjax.inference`):
+
+    n = model.protocol_novelty(tokens, values, value_mask)   # OUT/protocol_stats.npz
+    n["novelty"]    Mahalanobis distance of the protocol embedding from the training split's
+                    (NaN for a model without a protocol encoder); compare with
+                    model.protocol_stats["train_quantiles"]
+    n["unusual"]    per item, ["Field=value (unseen|rare)", ...]: token strings of the vocabulary
+    p = model.predict_proba(images, tokens, values, value_mask)   # OUT/calibration.json
+                    the evaluation's linear probe, with its fitted calibration (temperature, or
+                    one per vendor x scanner-model group); calibrated=False gives the raw probe
 """
 
 from __future__ import annotations
@@ -408,6 +419,91 @@ class PgjaxModel(nn.Module):
         return self.protocol_proj(self._protocol(tokens, values, value_mask)["pooled"]).numpy()
 
 
+    # Protocol novelty and calibrated probabilities ---------------------------------------
+
+    protocol_stats = None  # from OUT/protocol_stats.npz (from_pretrained)
+    calibration = None  # from OUT/calibration.json
+
+    def novelty_from_embedding(self, protocol_embedding) -> np.ndarray:
+        """Mahalanobis distance [B] of pooled protocol embeddings [B, W] (float64)."""
+        stats = self._stats()
+        if "mean" not in stats:
+            return np.full(len(protocol_embedding), np.nan)
+        d = np.asarray(protocol_embedding, np.float64) - stats["mean"]
+        return np.sqrt(np.maximum(np.einsum("nw,wv,nv->n", d, stats["precision"], d), 0.0))
+
+    def unusual_values(self, tokens) -> list:
+        """Per item, "Field=value (unseen|rare)" for fields whose token is unseen on the
+        training split or held by fewer than rare_fraction of its items."""
+        stats = self._stats()
+        tokens = np.asarray(tokens, np.int64)
+        fields, names, counts = stats["fields"], stats["token_names"], stats["token_counts"]
+        if tokens.ndim != 2 or tokens.shape[1] != len(fields):
+            raise ValueError(f"tokens must be [B, {len(fields)}], got {tokens.shape}")
+        seen = counts[np.arange(len(fields))[None, :], tokens]
+        rare = (seen < stats["rare_fraction"] * stats["n_items"]) & (tokens != 0)  # 0: PAD
+        return [[f"{fields[f]}={names[tokens[k, f]]} ({'unseen' if seen[k, f] == 0 else 'rare'})"
+                 for f in np.flatnonzero(rare[k])] for k in range(len(tokens))]  # fmt: skip
+
+    def protocol_novelty(self, tokens, values=None, value_mask=None) -> dict:
+        """{"novelty": float64 [B], "unusual": [[str]]} of protocol inputs."""
+        if isinstance(tokens, dict):
+            tokens, values, value_mask = (tokens["tokens"], tokens.get("values"),
+                                          tokens.get("value_mask"))  # fmt: skip
+        if self.protocol_encoder is not None and "mean" in self._stats():
+            novelty = self.novelty_from_embedding(self.embed_protocol(tokens, values, value_mask))
+        else:
+            novelty = np.full(len(np.asarray(tokens)), np.nan)
+        return {"novelty": novelty, "unusual": self.unusual_values(tokens)}
+
+    def _stats(self) -> dict:
+        if self.protocol_stats is None:
+            raise ValueError("this export has no protocol statistics (protocol_stats.npz)")
+        return self.protocol_stats
+
+    def calibrated_proba(self, image_embedding, protocol_embedding=None, tokens=None,
+                         calibrated: bool = True) -> np.ndarray:  # fmt: skip
+        """The probe's probabilities [B] (float64) from pooled embeddings; with `calibrated`,
+        its logits divided by the fitted temperature of each item's group (from its tokens)."""
+        rec = self.calibration
+        if rec is None:
+            raise ValueError("this export carries no probe (export with --calibration FILE)")
+        parts = {"image": image_embedding, "protocol": protocol_embedding}
+        missing = [k for k in rec["inputs"] if parts[k] is None]
+        if missing:
+            raise ValueError(f"the probe reads {rec['inputs']}; missing {missing}")
+        x = np.concatenate([np.asarray(parts[k], np.float64) for k in rec["inputs"]], axis=1)
+        probe = rec["probe"]
+        z = ((x - np.asarray(probe["mean"])) / np.asarray(probe["scale"])) @ np.asarray(
+            probe["w"]) + probe["b"]  # fmt: skip
+        t = np.ones(len(z))
+        cal = rec["calibration"]
+        if calibrated:
+            t = t * float(cal["temperature"])
+            if cal["method"] == "protocol":
+                if tokens is None:
+                    raise ValueError("protocol calibration needs the items' tokens")
+                tokens = np.asarray(tokens, np.int64)[:, rec["group_columns"]]
+                groups = cal.get("groups", {})
+                for k, row in enumerate(tokens):
+                    key = ",".join(str(int(v)) for v in row)
+                    if key in groups:
+                        t[k] = float(groups[key]["temperature"])
+        return 0.5 * (1.0 + np.tanh(0.5 * z / t))  # the logistic function, without overflow
+
+    def predict_proba(self, images, tokens=None, values=None, value_mask=None,
+                      calibrated: bool = True) -> np.ndarray:  # fmt: skip
+        """The exported probe's (calibrated) probability of the finding, per item."""
+        rec = self.calibration
+        if rec is None:
+            raise ValueError("this export carries no probe (export with --calibration FILE)")
+        image = self.embed_images(images)
+        protocol = None
+        if "protocol" in rec["inputs"]:
+            protocol = self.embed_protocol(tokens, values, value_mask)
+        return self.calibrated_proba(image, protocol, tokens, calibrated)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -433,10 +529,29 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_protocol_stats(path) -> dict:
+    """OUT/protocol_stats.npz as a dict of arrays and numbers (NumPy, no pickle)."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        out = {k: z[k] for k in z.files if k != "meta"}
+    out["fields"] = [str(f) for f in out["fields"]]
+    out["token_names"] = [str(t) for t in out["token_names"]]
+    out.update({k: meta[k] for k in ("n_items", "rare_fraction", "train_quantiles")})
+    return out
+
+
 def from_pretrained(path, weights: str = "model.safetensors") -> PgjaxModel:
-    """The model of an export folder, in eval mode (BatchNorm uses its running statistics)."""
+    """The model of an export folder, in eval mode (BatchNorm uses its running statistics),
+    with its protocol statistics and calibrated probe where the folder has them."""
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     model = PgjaxModel(config)
     model.load_state_dict(load_safetensors(os.path.join(path, weights)), strict=True)
+    stats = os.path.join(path, "protocol_stats.npz")
+    if os.path.exists(stats):
+        model.protocol_stats = load_protocol_stats(stats)
+    calibration = os.path.join(path, "calibration.json")
+    if os.path.exists(calibration):
+        with open(calibration) as f:
+            model.calibration = json.load(f)
     return model.eval()

@@ -9,7 +9,11 @@ cannot be imported (`pgjax.export.torch_side`). Per output, `parity.json` record
     max_rel   max_abs / max |jax|  (relative to the output's scale, which stays defined where an
               element is near 0)
 
-and the export fails when any embedding's float32 max_abs exceeds the tolerance (1e-4).
+and the export fails when any embedding's float32 max_abs exceeds the tolerance (1e-4). The
+derived outputs, the protocol-novelty score and the probe's calibrated probability (where the
+export has them), are recorded under "derived": they are float64 functions of the embeddings,
+so their differences are the embeddings' carried through (a Mahalanobis distance amplifies them
+along directions of small training variance), reported, not gated.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 from pgjax.data.tokenizer import MISSING, PAD, UNK
 
 TOLERANCE = 1e-4
+DERIVED = ("novelty", "proba")  # outputs computed from the embeddings (see above)
 
 
 class ParityError(RuntimeError):
@@ -82,6 +87,21 @@ def jax_outputs(encoder, inputs: dict[str, dict]) -> dict[str, np.ndarray]:
             out[f"{s}__protocol_pooled"] = encoder.embed_protocol(*args)
             if "protocol_proj" in encoder.modules:
                 out[f"{s}__protocol_proj"] = encoder.project_protocol(*args)
+        out.update(_derived(encoder, x, s, encoder._protocol_stats))
+    return out
+
+
+def _derived(model, x: dict, s: str, stats) -> dict:
+    """The novelty score and calibrated probability of an input set, where the model (JAX or
+    PyTorch: the same method names) has their statistics and probe."""
+    out = {}
+    if "tokens" not in x:
+        return out
+    args = (x["tokens"], x["values"], x["value_mask"])
+    if stats is not None:
+        out[f"{s}__novelty"] = np.nan_to_num(model.protocol_novelty(*args)["novelty"], nan=-1.0)
+    if model.calibration is not None:
+        out[f"{s}__proba"] = model.predict_proba(x["images"], *args)
     return out
 
 
@@ -136,7 +156,15 @@ def check(out_dir: Path, encoder, store_root: str | Path | None, tolerance: floa
         real = store_inputs(encoder.config, store_root)
         if real is not None:
             inputs["store"] = real
-    report = compare(jax_outputs(encoder, inputs), torch_outputs(out_dir, inputs), tolerance)
+    jax_out, torch_out = jax_outputs(encoder, inputs), torch_outputs(out_dir, inputs)
+
+    def part(d, derived):
+        return {k: v for k, v in d.items() if (k.split("__")[1] in DERIVED) == derived}
+
+    report = compare(part(jax_out, False), part(torch_out, False), tolerance)
+    if part(jax_out, True) or part(torch_out, True):
+        derived = compare(part(jax_out, True), part(torch_out, True), np.inf)
+        report["derived"] = derived["outputs"]
     report["inputs"] = {s: int(len(x["images"])) for s, x in inputs.items()}
     (Path(out_dir) / "parity.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     return report

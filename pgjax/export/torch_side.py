@@ -47,7 +47,10 @@ def load_modeling(out: str | Path):
 
 
 def run_sets(model, inputs: dict) -> dict:
-    """Every output of the model on every input set ({"<set>__<output>": array})."""
+    """Every output of the model on every input set ({"<set>__<output>": array}), the novelty
+    score and calibrated probability included where the export has them."""
+    import numpy as np
+
     sets = sorted({k.split("__")[0] for k in inputs})
     out = {}
     for s in sets:
@@ -62,6 +65,13 @@ def run_sets(model, inputs: dict) -> dict:
             out[f"{s}__protocol_pooled"] = model.embed_protocol(*args)
             if model.protocol_proj is not None:
                 out[f"{s}__protocol_proj"] = model.project_protocol(*args)
+        if tokens is not None:
+            args = (tokens, inputs[f"{s}__values"], inputs[f"{s}__value_mask"])
+            if model.protocol_stats is not None:
+                novelty = model.protocol_novelty(*args)["novelty"]
+                out[f"{s}__novelty"] = np.nan_to_num(novelty, nan=-1.0)
+            if model.calibration is not None:
+                out[f"{s}__proba"] = model.predict_proba(images, *args)
     return out
 
 
