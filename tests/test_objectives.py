@@ -1,4 +1,4 @@
-"""Tests of the pretraining objectives (pgjax.train.objectives) with tiny models on CPU.
+"""Tests of the pretraining objectives (pgjax.objectives) with tiny models on CPU.
 
 Each training test is one jitted function (init, then Adam steps in a scan), so it compiles
 once.
@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pgjax.train import objectives as ob
+import pgjax.objectives as ob
 from pgjax.train.mesh import BATCH_AXES, batch_sharding, make_mesh
 
 # XLA CPU options for these tests: compilation, not running, dominates tiny models on CPU.
@@ -356,8 +356,12 @@ def test_translation_sees_only_the_source_fields():
 def test_ce_dcm_hole_is_central():
     config = make_config([], encoder="resnet_mu", encoder_kw={}, ce_dcm=dict(weight=1.0))
     objective = ob.build_objective(config, INFO, None)
-    assert objective._hole((2, 32, 32, 1)) == (slice(12, 20), slice(12, 20))
-    assert objective._hole((2, 16, 64, 64, 1)) == (slice(6, 10), slice(24, 40), slice(24, 40))
+    assert objective.terms["ce_dcm"].hole((2, 32, 32, 1)) == (slice(12, 20), slice(12, 20))
+    assert objective.terms["ce_dcm"].hole((2, 16, 64, 64, 1)) == (
+        slice(6, 10),
+        slice(24, 40),
+        slice(24, 40),
+    )
 
 
 def test_config_errors():
@@ -399,8 +403,12 @@ def test_ce_dcm_hole_too_small_for_the_discriminator():
 
 def test_translation_defaults_keep_the_schema_fields():
     objective = ob.build_objective(make_config(["translation"]), INFO, None)
-    shown = [k for k, s in zip(INFO.keywords, objective.source, strict=True) if s]
-    predicted = [k for k, t in zip(INFO.keywords, objective.target, strict=True) if t]
+    shown = [
+        k for k, s in zip(INFO.keywords, objective.terms["translation"].source, strict=True) if s
+    ]
+    predicted = [
+        k for k, t in zip(INFO.keywords, objective.terms["translation"].target, strict=True) if t
+    ]
     assert shown == ["KVP", "ConvolutionKernel", "SliceThickness"]
     assert predicted == ["Manufacturer", "ManufacturerModelName", "MagneticFieldStrength"]
 
@@ -427,7 +435,11 @@ def test_series_translation_predicts_the_partner_series_hidden_settings():
         translation=dict(weight=1.0, source=("KVP",), target=("Manufacturer",), series_weight=2.0),
     )
     objective = ob.build_objective(config, INFO, None)
-    target = [k for k, t in zip(INFO.keywords, objective.series_target, strict=True) if t]
+    target = [
+        k
+        for k, t in zip(INFO.keywords, objective.terms["translation"].series_target, strict=True)
+        if t
+    ]
     assert target == ["KVP", "ConvolutionKernel", "SliceThickness"]  # the defaults in INFO
     batch = make_batch(b=4)
     partner = make_batch(b=4, seed=1)

@@ -1,6 +1,7 @@
-"""Heads on top of the encoders: contrastive projection, protocol fusion (masked protocol
-prediction and translation), the MAE pixel decoder, and the context-encoder inpainting decoder
-and tag-conditioned projection discriminator of the CE+DCM baseline (Hu et al. 2020).
+"""Heads on top of the encoders: contrastive and SimCLR projections, protocol fusion (masked
+protocol prediction and translation), the DCM field-prediction head, the MAE pixel decoder, and
+the context-encoder inpainting decoder and tag-conditioned projection discriminator of the
+CE+DCM baseline (Hu et al. 2020).
 
 Heads that feed a loss return float32 whatever the compute dtype, so losses are computed in
 float32.
@@ -155,6 +156,57 @@ class FusionHead(nn.Module):
         logits = dense(self.vocab_size, name="token_head")(x)
         values = dense(1, name="value_head")(x)[..., 0]
         return {"logits": logits.astype(jnp.float32), "values": values.astype(jnp.float32)}
+
+
+class FieldPredictionHead(nn.Module):
+    """DCM head: every protocol field's token logits and numeric value from one pooled image
+    embedding, [B, D] -> {"logits": float32 [B, F, V], "values": float32 [B, F]}.
+
+    A field-specific projection to `width` (a per-field linear read-out of the image embedding,
+    like Hu et al.'s classifier on the encoder's features), GELU and LayerNorm, then token and
+    value layers shared by the fields: a low-rank stand-in for F separate V-way classifiers,
+    which would cost D * F * V parameters.
+    """
+
+    num_fields: int
+    vocab_size: int
+    width: int = 256
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled):
+        dense = dict(kernel_init=dense_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.Dense(self.num_fields * self.width, name="field_proj", **dense)(pooled)
+        x = nn.gelu(x.reshape(pooled.shape[0], self.num_fields, self.width), approximate=False)
+        x = nn.LayerNorm(
+            epsilon=LN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
+        )(x)
+        logits = nn.Dense(self.vocab_size, name="token_head", **dense)(x)
+        values = nn.Dense(1, name="value_head", **dense)(x)[..., 0]
+        return {"logits": logits.astype(jnp.float32), "values": values.astype(jnp.float32)}
+
+
+class SimCLRProjection(nn.Module):
+    """SimCLR's two-layer MLP projection, [B, D] -> float32 [B, embed_dim]; the hidden width
+    defaults to the input width D (2048 for SimCLR's ResNet-50), known only at init."""
+
+    embed_dim: int = 128
+    hidden_dim: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return ProjectionHead(
+            self.embed_dim,
+            hidden_dim=self.hidden_dim or x.shape[-1],
+            activation="relu",
+            normalize=False,  # NT-Xent normalises
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="mlp",
+        )(x)
 
 
 def mae_masking(rng, batch_size: int, num_patches: int, mask_ratio: float):

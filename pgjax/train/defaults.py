@@ -8,14 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
-# Device fields (who made the image) and acquisition fields (how it was made): the two groups
-# that protocol-protocol translation maps between (ours; the paper names the idea only).
-DEVICE_FIELDS = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions",
-                 "MagneticFieldStrength")  # fmt: skip
-ACQUISITION_FIELDS = ("Modality", "BodyPartExamined", "ConvolutionKernel", "KVP",
-                      "XRayTubeCurrent", "Exposure", "SliceThickness", "RepetitionTime",
-                      "EchoTime", "InversionTime", "FlipAngle", "ScanningSequence",
-                      "SequenceVariant", "ViewPosition")  # fmt: skip
+# The field groups live with the objectives' defaults (one source).
+from pgjax.objectives.defaults import ACQUISITION_FIELDS, DEVICE_FIELDS
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from pgjax.objectives import ProtocolInfo, build_objective
 from pgjax.progress import Progress
 from pgjax.train import checkpoint as ckpt
 from pgjax.train import mesh as mesh_lib
 from pgjax.train.input_pipeline import InputConfig, make_iterator, to_global
-from pgjax.train.objectives import ProtocolInfo, build_objective
 
 
 class NonFiniteLoss(RuntimeError):

@@ -1,0 +1,74 @@
+"""The objectives package: its table of terms, its field groups, and checkpoints written before
+the move to one module per term (the parameter trees of every config are unchanged)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pgjax.objectives as ob
+from pgjax.data.schema import DEFAULT_FIELDS
+from pgjax.objectives.base import field_mask
+from pgjax.train.config_lib import load_config
+from pgjax.train.mesh import path_name
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "tasks")
+# Paths and shapes of every variables leaf of configs/NAME.py:tiny, written by the code before
+# pgjax/train/objectives.py became this package. A checkpoint restores by these paths, so a
+# change here breaks every checkpoint written before it.
+TREES = REPO / "tests" / "data" / "objective_trees.json"
+
+KEYWORDS = tuple(f.keyword for f in DEFAULT_FIELDS)
+
+
+def default_info() -> ob.ProtocolInfo:
+    """The default schema with three ids per field (shapes do not depend on the ranges)."""
+    ranges = tuple((4 + 3 * i, 7 + 3 * i) for i in range(len(KEYWORDS)))
+    return ob.ProtocolInfo(
+        KEYWORDS, ranges, tuple(f.kind for f in DEFAULT_FIELDS), 4 + 3 * len(KEYWORDS)
+    )
+
+
+def variable_tree(config) -> list[str]:
+    objective = ob.build_objective(config, default_info(), None)
+    f = len(KEYWORDS)
+    batch = dict(
+        image=jnp.zeros((2, 64, 64, 1)),
+        tokens=jnp.full((2, f), 4, jnp.int32),
+        values=jnp.zeros((2, f)),
+        value_mask=jnp.zeros((2, f)),
+    )
+    abstract = jax.eval_shape(objective.init, jax.random.key(0), batch)
+    leaves = jax.tree_util.tree_leaves_with_path(abstract)
+    return sorted(f"{path_name(k)} {list(x.shape)}" for k, x in leaves)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_parameter_trees_are_those_checkpoints_were_written_with(name):
+    expected = json.loads(TREES.read_text())
+    assert name in expected, f"{name}: no recorded tree in {TREES.name}"
+    assert variable_tree(load_config(REPO / "configs" / f"{name}.py:tiny")) == expected[name]
+
+
+def test_the_table_names_every_term_in_order():
+    assert tuple(ob.TERM_TYPES) == ob.TERMS == tuple(ob.TERM_DEFAULTS)
+    for name, term in ob.TERM_TYPES.items():
+        assert term.name == name
+
+
+def test_field_groups_drop_fields_the_schema_lacks_but_hand_lists_do_not():
+    info = ob.ProtocolInfo(("Manufacturer", "KVP"), ((4, 5), (5, 6)), ("categorical",) * 2, 6)
+    # The group itself, or the group read back from config.json as a list: lenient.
+    assert field_mask(info, ob.DEVICE_FIELDS, "x").tolist() == [True, False]
+    assert field_mask(info, list(ob.DEVICE_FIELDS), "x").tolist() == [True, False]
+    with pytest.raises(ValueError, match=r"objectives.x: fields not in the schema: \['Softw"):
+        field_mask(info, ["Manufacturer", "SoftwareVersions"], "x")
+    with pytest.raises(ValueError, match="objectives.x: none of its fields is in the schema"):
+        kvp_only = ob.ProtocolInfo(("KVP",), ((4, 5),), ("numeric",), 5)
+        field_mask(kvp_only, ob.DEVICE_FIELDS, "x")
+
