@@ -72,3 +72,27 @@ def test_field_groups_drop_fields_the_schema_lacks_but_hand_lists_do_not():
         kvp_only = ob.ProtocolInfo(("KVP",), ((4, 5),), ("numeric",), 5)
         field_mask(kvp_only, ob.DEVICE_FIELDS, "x")
 
+
+def _table_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "objectives_table", REPO / "tools" / "objectives_table.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_table_is_rendered_from_the_defaults(monkeypatch):
+    tool = _table_tool()
+    text = tool.README.read_text()
+    start, stop = tool.readme_block(text)
+    assert text[start:stop] == ob.settings_table(), "run tools/objectives_table.py"
+    assert tool.main(["--check"]) == 0
+    # A changed default changes the rendered table, and --check says the README is stale.
+    settings = dict(ob.TERM_SETTINGS["masked_protocol"])
+    settings["rate"] = ob.defaults.Setting(0.5, settings["rate"].doc)
+    monkeypatch.setitem(ob.TERM_SETTINGS, "masked_protocol", settings)
+    assert "| `rate` | `0.5` |" in ob.settings_table()
+    assert tool.main(["--check"]) == 1
