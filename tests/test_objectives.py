@@ -34,9 +34,9 @@ INFO = ob.ProtocolInfo(
         "MagneticFieldStrength",
     ),
     field_ranges=((4, 8), (8, 14), (14, 20), (20, 26), (26, 32), (32, 40)),
-    field_kinds=("categorical", "categorical", "numeric", "categorical", "numeric", "numeric"),
     vocab_size=40,
 )
+KINDS = ("categorical", "categorical", "numeric", "categorical", "numeric", "numeric")
 TINY = dict(depth=1, width=32, num_heads=2, mlp_dim=64)
 
 # Per term: its settings for the tiny test models, and the parameter parts it must train.
@@ -81,7 +81,7 @@ def make_batch(b=16, spatial=(32, 32), seed=0):
     tokens = lo + jax.random.randint(k_tok, (b, len(lo)), 0, 1 << 20) % (hi - lo)
     missing = jax.random.bernoulli(k_missing, 0.15, tokens.shape)
     tokens = jnp.where(missing, 1, tokens).astype(jnp.int32)  # 1 = MISSING
-    numeric = np.array([k == "numeric" for k in INFO.field_kinds])
+    numeric = np.array([k == "numeric" for k in KINDS])
     value_mask = (numeric & ~missing).astype(jnp.float32)
     values = jax.random.normal(k_val, tokens.shape) * value_mask
     image = jax.random.uniform(k_img, (b, *spatial, 1))
@@ -414,16 +414,26 @@ def test_translation_defaults_keep_the_schema_fields():
 
 
 def test_protocol_info_from_vocabulary():
+    from pgjax.data.schema import Field, Schema
+
     class Vocab:  # the attributes of pgjax.data.tokenizer.Vocabulary that are read
-        keywords = ["Modality", "KVP"]
-        field_ranges = [(4, 6), (6, 9)]
-        field_kinds = ["categorical", "numeric"]
-        size = 9
+        keywords = ["Modality", "SeriesDescription", "KVP"]
+        field_ranges = [(4, 6), (6, 8), (8, 11)]
+        size = 11
+        schema = Schema(
+            (
+                Field("Modality", "categorical"),
+                Field("SeriesDescription", "categorical", freetext=True),
+                Field("KVP", "numeric", multi="first"),
+            )
+        )
 
     info = ob.ProtocolInfo.from_vocabulary(Vocab())
     assert info == ob.ProtocolInfo(
-        ("Modality", "KVP"), ((4, 6), (6, 9)), ("categorical", "numeric"), 9
-    )
+        ("Modality", "SeriesDescription", "KVP"), ((4, 6), (6, 8), (8, 11)), 11,
+        text_fields=("SeriesDescription",),
+    )  # fmt: skip
+    assert info.text_mask.tolist() == [False, True, False]
     assert info.num_fields == 2 and hash(info)
 
 

@@ -29,9 +29,7 @@ KEYWORDS = tuple(f.keyword for f in DEFAULT_FIELDS)
 def default_info() -> ob.ProtocolInfo:
     """The default schema with three ids per field (shapes do not depend on the ranges)."""
     ranges = tuple((4 + 3 * i, 7 + 3 * i) for i in range(len(KEYWORDS)))
-    return ob.ProtocolInfo(
-        KEYWORDS, ranges, tuple(f.kind for f in DEFAULT_FIELDS), 4 + 3 * len(KEYWORDS)
-    )
+    return ob.ProtocolInfo(KEYWORDS, ranges, 4 + 3 * len(KEYWORDS))
 
 
 def variable_tree(config) -> list[str]:
@@ -62,14 +60,14 @@ def test_the_table_names_every_term_in_order():
 
 
 def test_field_groups_drop_fields_the_schema_lacks_but_hand_lists_do_not():
-    info = ob.ProtocolInfo(("Manufacturer", "KVP"), ((4, 5), (5, 6)), ("categorical",) * 2, 6)
+    info = ob.ProtocolInfo(("Manufacturer", "KVP"), ((4, 5), (5, 6)), 6)
     # The group itself, or the group read back from config.json as a list: lenient.
     assert field_mask(info, ob.DEVICE_FIELDS, "x").tolist() == [True, False]
     assert field_mask(info, list(ob.DEVICE_FIELDS), "x").tolist() == [True, False]
     with pytest.raises(ValueError, match=r"objectives.x: fields not in the schema: \['Softw"):
         field_mask(info, ["Manufacturer", "SoftwareVersions"], "x")
     with pytest.raises(ValueError, match="objectives.x: none of its fields is in the schema"):
-        kvp_only = ob.ProtocolInfo(("KVP",), ((4, 5),), ("numeric",), 5)
+        kvp_only = ob.ProtocolInfo(("KVP",), ((4, 5),), 5)
         field_mask(kvp_only, ob.DEVICE_FIELDS, "x")
 
 
@@ -96,3 +94,42 @@ def test_readme_table_is_rendered_from_the_defaults(monkeypatch):
     monkeypatch.setitem(ob.TERM_SETTINGS, "masked_protocol", settings)
     assert "| `rate` | `0.5` |" in ob.settings_table()
     assert tool.main(["--check"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# One source for each list (issue 14, defect 7)
+
+
+def test_one_device_field_list_and_one_acquisition_list():
+    import pgjax.losses.protocol as protocol_losses
+    from pgjax.train.defaults import base_config
+
+    config = base_config()
+    assert not hasattr(protocol_losses, "DEVICE_FIELDS")
+    assert tuple(config.objectives.translation.target) == ob.DEVICE_FIELDS
+    assert tuple(config.objectives.ce_dcm.tags) == ob.DEVICE_FIELDS
+    assert ob.TERM_DEFAULTS["translation"]["target"] is ob.DEVICE_FIELDS
+    # A translation section that names no fields shows and predicts what configs/pg.py does.
+    info = default_info()
+    default = ob.build_objective({"objectives": {"translation": {"weight": 1.0}}}, info, None)
+    pg = ob.build_objective({"objectives": config.objectives.to_dict()}, info, None)
+    for mask in ("source", "target"):
+        got = getattr(default.terms["translation"], mask)
+        assert got.tolist() == getattr(pg.terms["translation"], mask).tolist(), mask
+    shown = [k for k, s in zip(KEYWORDS, default.terms["translation"].source, strict=True) if s]
+    assert shown == [k for k in KEYWORDS if k in ob.ACQUISITION_FIELDS]
+    assert len(shown) == len(ob.ACQUISITION_FIELDS) == 14
+
+
+def test_one_set_of_sharding_rules():
+    from pgjax.train.defaults import base_config
+    from pgjax.train.mesh import DEFAULT_RULES
+
+    assert tuple(tuple(r) for r in base_config().sharding_rules) == DEFAULT_RULES
+
+
+def test_protocol_info_holds_only_what_the_objectives_read():
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(ob.ProtocolInfo)]
+    assert names == ["keywords", "field_ranges", "vocab_size", "text_fields"]

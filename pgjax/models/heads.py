@@ -212,11 +212,15 @@ class SimCLRProjection(nn.Module):
 def mae_masking(rng, batch_size: int, num_patches: int, mask_ratio: float):
     """Random per-sample patch masking (He et al. 2022).
 
-    Keeps round(num_patches * (1 - mask_ratio)) patches (at least one). Returns
-    (keep_indices int32 [B, K] for `ViT(keep_indices=...)`, restore_indices int32 [B, T] for
-    `MAEDecoder`, mask float32 [B, T] in patch order: 1 where the patch was hidden).
+    Keeps floor(num_patches * (1 - mask_ratio)) patches, at least one: MAE's reference code
+    (`int(L * (1 - mask_ratio))`), so the hidden share is never below mask_ratio (14 patches at
+    0.75 keep 3, not 4). A 1e-6 slack absorbs float error: 20 * (1 - 0.9) is 1.9999999999999996.
+    Returns (keep_indices int32 [B, K] for `ViT(keep_indices=...)`, restore_indices int32 [B, T]
+    for `MAEDecoder`, mask float32 [B, T] in patch order: 1 where the patch was hidden).
     """
-    keep = max(1, round(num_patches * (1.0 - mask_ratio)))
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    keep = max(1, math.floor(num_patches * (1.0 - mask_ratio) + 1e-6))
     noise = jax.random.uniform(rng, (batch_size, num_patches))
     shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
     restore = jnp.argsort(shuffle, axis=1).astype(jnp.int32)

@@ -21,21 +21,31 @@ class ProtocolInfo:
     """What the objectives need to know of the protocol vocabulary.
 
     keywords: the F field names, in token-column order. field_ranges: per field, its half-open
-    [start, stop) range of global token ids. field_kinds: "categorical", "numeric" or
-    "presence". vocab_size: V, the number of token ids (specials included).
+    [start, stop) range of global token ids. vocab_size: V, the number of token ids (specials
+    included). text_fields: the free-text fields (the schema's `freetext`: descriptions,
+    protocol names), which name acquisition settings in words and are hidden where they would
+    give a target away.
     """
 
     keywords: tuple[str, ...]
     field_ranges: tuple[tuple[int, int], ...]
-    field_kinds: tuple[str, ...]
     vocab_size: int
+    text_fields: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "keywords", tuple(self.keywords))
         object.__setattr__(self, "field_ranges", tuple(tuple(r) for r in self.field_ranges))
-        object.__setattr__(self, "field_kinds", tuple(self.field_kinds))
-        if not len(self.keywords) == len(self.field_ranges) == len(self.field_kinds):
-            raise ValueError("keywords, field_ranges and field_kinds must have one entry per field")
+        object.__setattr__(self, "text_fields", tuple(self.text_fields))
+        if len(self.keywords) != len(self.field_ranges):
+            raise ValueError("keywords and field_ranges must have one entry per field")
+        unknown = sorted(set(self.text_fields) - set(self.keywords))
+        if unknown:
+            raise ValueError(f"text_fields {unknown} are not among the keywords")
+
+    @property
+    def text_mask(self) -> np.ndarray:
+        """bool [F]: the free-text fields."""
+        return np.isin(np.asarray(self.keywords), np.asarray(self.text_fields, dtype=str))
 
     @property
     def num_fields(self) -> int:
@@ -47,8 +57,8 @@ class ProtocolInfo:
         return cls(
             keywords=tuple(vocab.keywords),
             field_ranges=tuple(tuple(r) for r in vocab.field_ranges),
-            field_kinds=tuple(vocab.field_kinds),
             vocab_size=int(vocab.size),
+            text_fields=tuple(f.keyword for f in vocab.schema.fields if f.freetext),
         )
 
 
