@@ -55,6 +55,24 @@ def protocol_info(store_path: str) -> ProtocolInfo:
     return ProtocolInfo.from_vocabulary(open_store(store_path).vocabulary())
 
 
+def decays(path: str) -> bool:
+    """Whether AdamW decays the parameter at `path` ("image_encoder/blocks_0/mlp/fc1/kernel").
+
+    The rule: weight decay applies to the weights of dense and conv layers (leaves named
+    "kernel") and to nothing else: not to biases, norm scales, scalars (temperature, SigLIP
+    bias), or embeddings (token, field, value and position embeddings, cls and mask tokens),
+    which decay would pull towards zero for no regularising gain (as in CLIP and MAE).
+    """
+    return path.rsplit("/", 1)[-1] == "kernel"
+
+
+def weight_decay_mask(params):
+    """`decays` over a parameter tree: a tree of bools, optax's `mask`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: decays(mesh_lib.path_name(path)), params
+    )
+
+
 def make_optimizer(o, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -64,15 +82,11 @@ def make_optimizer(o, total_steps: int) -> tuple[optax.GradientTransformation, o
         end_value=o.lr * o.final_lr_ratio,
     )
 
-    def decay_mask(params):
-        # No weight decay on biases, norm scales, embeddings of position/cls, temperatures.
-        return jax.tree_util.tree_map_with_path(
-            lambda path, p: p.ndim >= 2 and "pos_embed" not in mesh_lib.path_name(path), params
-        )
-
     tx = optax.chain(
         optax.clip_by_global_norm(o.clip_norm),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask),
+        optax.adamw(
+            schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=weight_decay_mask
+        ),
     )
     return tx, schedule
 
