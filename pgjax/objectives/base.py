@@ -134,7 +134,10 @@ class Term:
     """One loss term. `heads()` are the parts it adds to the image (and protocol) encoder,
     `init` initialises them (and returns parameters that are no module's, like a temperature),
     `loss` is the term's value and metrics, a pure function of the parameters (through `run`)
-    and the inputs."""
+    and the inputs. A term with an adversary (CE+DCM's discriminator, params["disc"]) returns
+    the adversary's loss as metrics["disc/loss"]: the objective adds it, unweighted, to the
+    value it differentiates, and the term keeps the two players' gradients apart with
+    stop_gradient."""
 
     name: str = ""
     uses_protocol = False  # needs the protocol encoder

@@ -2,7 +2,7 @@
 (filled with the mean of the visible pixels; the encoder's feature map, or a ViT's token grid,
 is decoded to the hole), L2 on the hole plus a hinge adversarial term from a projection
 discriminator conditioned on DICOM tags (Miyato & Koyama 2018). The discriminator, params
-["disc"], is trained only by `disc_loss`; its spectral-norm vectors advance in `loss`."""
+["disc"], learns only from its hinge loss, which `loss` computes on the generator's fake."""
 
 from __future__ import annotations
 
@@ -107,31 +107,31 @@ class CEDCM(Term):
         return pred, images[region]
 
     def loss(self, run, inputs):
+        """The generator's loss, and the discriminator's hinge loss on the same fake.
+
+        One generator pass makes the fake that both players see. The generator's loss (L2 on
+        the hole plus the adversarial term) reaches the discriminator's parameters only under
+        stop_gradient, and the discriminator's loss reaches the fake only under stop_gradient:
+        each player gets the gradient of its own loss alone, both from the parameters at the
+        start of the step (simultaneous updates), on the same micro-batches. The discriminator's
+        loss is returned in the metrics as "disc/loss" (see `Term`).
+        """
         s = self.settings
         pred, real = self.inpaint(run, inputs.images)
         l2 = jnp.mean(jnp.square(pred - real))  # the whole output is the hole
-        # Only the generator learns from this term: the discriminator's parameters enter under
-        # stop_gradient. In training mode the call still advances its spectral-norm vectors
-        # (batch_stats), the one place they can be updated: disc_loss returns no collections.
-        fake_logits = run(
-            "disc",
-            pred,
-            *self.tag_inputs(inputs.batch["tokens"]),
-            params=jax.lax.stop_gradient(run.params["disc"]),
-        )
+        tags = self.tag_inputs(inputs.batch["tokens"])
+        # In training mode this call advances the spectral-norm vectors (batch_stats); the
+        # discriminator's own calls below only read them.
+        fake_logits = run("disc", pred, *tags, params=jax.lax.stop_gradient(run.params["disc"]))
         adv = iloss.hinge_g_loss(fake_logits)
         loss = s["rec_weight"] * l2 + s["adv_weight"] * adv
-        return loss, {"ce_dcm_l2": l2, "ce_dcm_adv": adv}
-
-    def disc_loss(self, run, inputs):
-        pred, real = self.inpaint(run, inputs.images)
-        tags = self.tag_inputs(inputs.batch["tokens"])
-        # train=False: the spectral-norm vectors are only read here (see loss).
-        real_logits = run("disc", real, *tags, train=False)
-        fake_logits = run("disc", jax.lax.stop_gradient(pred), *tags, train=False)
-        loss = iloss.hinge_d_loss(real_logits, fake_logits)
+        real_d = run("disc", real, *tags, train=False)
+        fake_d = run("disc", jax.lax.stop_gradient(pred), *tags, train=False)
+        disc_loss = iloss.hinge_d_loss(real_d, fake_d)
         return loss, {
-            "loss": loss,
-            "real_logit": jnp.mean(real_logits),
-            "fake_logit": jnp.mean(fake_logits),
+            "ce_dcm_l2": l2,
+            "ce_dcm_adv": adv,
+            "disc/loss": disc_loss,
+            "disc/real_logit": jnp.mean(real_d),
+            "disc/fake_logit": jnp.mean(fake_d),
         }

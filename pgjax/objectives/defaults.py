@@ -85,6 +85,11 @@ TERM_SETTINGS: dict[str, dict[str, Setting]] = {
         "weight": _WEIGHT,
         "rate": Setting(0.3, "share of each item's fields hidden and predicted"),
         "numeric_weight": Setting(1.0, "weight of the value MSE against the token cross entropy"),
+        "hide_text": Setting(
+            True,
+            "never show the free-text fields (descriptions, protocol name: they name the "
+            "settings that are targets); they are still predicted when drawn",
+        ),
     },
     "translation": {
         "weight": _WEIGHT,
@@ -95,6 +100,11 @@ TERM_SETTINGS: dict[str, dict[str, Setting]] = {
             0.0, "weight of the cross-series part (the loader then pairs series of a study)"
         ),
         "series_target": Setting(SERIES_FIELDS, "fields of the other series hidden and predicted"),
+        "hide_text": Setting(
+            True,
+            "hide the other series' free-text fields, which name its hidden settings "
+            '("B30f", "T2 FLAIR"); with it on, `source` may not list them',
+        ),
     },
     "simclr": {
         "weight": _WEIGHT,

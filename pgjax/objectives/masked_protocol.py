@@ -1,9 +1,13 @@
 """Masked protocol prediction: a random `rate` of each item's fields is hidden (MASK token, value
 removed); the protocol encoder's field states attend to the image tokens in a fusion head that
 predicts the hidden fields' tokens (softmax restricted to each field's ids) and numeric values.
-The fusion head is shared with translation: the hidden fields' states say what to predict."""
+With `hide_text` (the default) the free-text fields are never shown: a description ("CHEST
+B31F 1MM", "T2 FLAIR") would give most hidden settings away without the image. The fusion head
+is shared with translation: the hidden fields' states say what to predict."""
 
 from __future__ import annotations
+
+import jax.numpy as jnp
 
 from pgjax.losses import protocol as ploss
 from pgjax.models import FusionHead
@@ -38,12 +42,21 @@ class MaskedProtocol(Term):
         init_fusion(init)
         return {}
 
+    def shown_mask(self, hidden):
+        """The fields hidden from the input, [B, F]: the targets, and with hide_text the
+        free-text fields (every item has a target, and a description names most of them)."""
+        if self.settings["hide_text"]:
+            return hidden | jnp.asarray(self.ctx.info.text_mask)[None, :]
+        return hidden
+
     def loss(self, run, inputs):
         s, batch = self.settings, inputs.batch
         tokens, values, value_mask = batch["tokens"], batch["values"], batch["value_mask"]
         hidden = ploss.sample_field_mask(inputs.keys["mpp"], *tokens.shape, s["rate"])
         out = fused_prediction(
-            run, inputs.feats, *ploss.apply_field_mask(tokens, values, value_mask, hidden)
+            run,
+            inputs.feats,
+            *ploss.apply_field_mask(tokens, values, value_mask, self.shown_mask(hidden)),
         )
         loss, m = ploss.masked_protocol_loss(
             out["logits"],

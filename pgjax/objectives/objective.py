@@ -193,29 +193,37 @@ class Objective:
         names = ("augment", "simclr", "mpp", "mae", "dropout")
         return dict(zip(names, jax.random.split(rng, len(names)), strict=True))
 
-    def _inputs(self, run, batch, keys) -> Inputs:
-        images = augment(keys["augment"], batch["image"], self.augment_cfg)
+    def _inputs(self, run, batch, keys, train: bool = True) -> Inputs:
+        images = batch["image"]
+        if train:
+            images = augment(keys["augment"], images, self.augment_cfg)
         feats = run("image_encoder", images) if self.uses_image_features else None
         return Inputs(batch, images, feats, keys)
 
-    def loss(self, variables: dict, batch: dict, rng: jax.Array):
-        """The weighted sum of the enabled terms on one (global) batch.
-
-        Returns (scalar total, metrics, updated non-param collections). Metrics: "loss" (the
-        total), each term's raw value under its name and weighted value as "<name>_weighted",
-        and per-term diagnostics ("temperature", "mpp_accuracy", "translation_accuracy",
-        "dcm_accuracy", "ce_dcm_l2", ...). The discriminator's parameters get no gradient from
-        this loss (its use in the adversarial term is under stop_gradient).
-        """
+    def _terms(self, variables, batch, rng, train: bool):
+        """Each enabled term's raw value, their metrics, and the runner (for its collections)."""
         keys = self._keys(rng)
-        run = Runner(self.parts, variables, train=True, rng=keys["dropout"])
-        inputs = self._inputs(run, batch, keys)
+        run = Runner(self.parts, variables, train=train, rng=keys["dropout"] if train else None)
+        inputs = self._inputs(run, batch, keys, train)
         raw: dict[str, jax.Array] = {}
         metrics: dict[str, jax.Array] = {}
         for name, term in self.terms.items():
             raw[name], m = term.loss(run, inputs)
             metrics.update(m)
+        return raw, metrics, run
 
+    def loss(self, variables: dict, batch: dict, rng: jax.Array):
+        """The weighted sum of the enabled terms on one (global) batch.
+
+        Returns (value, metrics, updated non-param collections). The value is what to
+        differentiate w.r.t. all of params: the weighted sum of the terms (metrics["loss"]),
+        plus, with CE+DCM, its discriminator's hinge loss ("disc/loss"), each player getting the
+        gradient of its own loss only. Metrics: "loss", each term's raw value under its name and
+        weighted value as "<name>_weighted", and per-term diagnostics ("temperature",
+        "mpp_accuracy", "translation_accuracy", "dcm_accuracy", "ce_dcm_l2", "disc/real_logit",
+        ...).
+        """
+        raw, metrics, run = self._terms(variables, batch, rng, train=True)
         total = jnp.float32(0.0)
         for name, value in raw.items():
             weighted = self.terms[name].weight * value
@@ -223,23 +231,30 @@ class Objective:
             metrics[f"{name}_weighted"] = weighted
             total = total + weighted
         metrics["loss"] = total
-        return total, metrics, run.collections()
+        value = total + metrics["disc/loss"] if "disc/loss" in metrics else total
+        return value, metrics, run.collections()
 
-    def disc_loss(self, variables: dict, batch: dict, rng: jax.Array):
-        """Hinge loss of the CE+DCM discriminator on true holes vs. inpainted ones.
+    def image_ablation(self, variables: dict, batch: dict, rng: jax.Array) -> dict:
+        """What the image contributes to each protocol term: its accuracy and cross entropy with
+        the batch's images and with the images zeroed (eval mode: no augmentation or dropout,
+        running statistics; the same hidden fields for both).
 
-        The generator runs as in `loss` (same augmentation for the same rng, BatchNorm in
-        training mode, its statistic updates discarded) and its output is under stop_gradient:
-        differentiate w.r.t. params["disc"]. Returns (loss, metrics {"loss", "real_logit",
-        "fake_logit"}: the loss and the mean logits on true and on inpainted holes; the trainer
-        logs them under "disc/").
+        Returns {"image/<metric>": with the image, "image/<metric>_no_image": zeroed,
+        "image/<metric>_gain": the difference} for every "*_accuracy" and "*_ce" metric of the
+        enabled terms (masked_protocol: mpp_*, translation: translation_* and
+        translation_series_*, dcm: dcm_*). A gain near 0 means the term is solved from the
+        protocol alone.
         """
-        if not self.has_discriminator:
-            raise ValueError("disc_loss: this objective has no discriminator (enable ce_dcm)")
-        keys = self._keys(rng)
-        run = Runner(self.parts, variables, train=True, rng=keys["dropout"])
-        images = augment(keys["augment"], batch["image"], self.augment_cfg)
-        return self.terms["ce_dcm"].disc_loss(run, Inputs(batch, images, None, keys))
+        zeroed = dict(batch, image=jnp.zeros_like(batch["image"]))
+        _, with_image, _ = self._terms(variables, batch, rng, train=False)
+        _, without, _ = self._terms(variables, zeroed, rng, train=False)
+        out = {}
+        for k, v in with_image.items():
+            if k.endswith(("_accuracy", "_ce")):
+                out[f"image/{k}"] = v
+                out[f"image/{k}_no_image"] = without[k]
+                out[f"image/{k}_gain"] = v - without[k]
+        return out
 
     # ------------------------------------------------------------------------------ embeddings
 

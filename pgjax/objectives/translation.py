@@ -6,7 +6,9 @@ Across series (`series_weight` > 0): the protocol of another series of the same 
 loader, see input_pipeline) is shown with its `series_target` fields (acquisition settings)
 hidden, and the fusion head predicts them from that series' remaining fields (its device, body
 part) attending to this item's image: what a study's other acquisitions were, given one of its
-images. Items whose study has one series are left out."""
+images. With `hide_text` (the default) that series' free-text fields are hidden too: its
+SeriesDescription and ProtocolName ("B30f", "T2 FLAIR") name the settings to predict. Items
+whose study has one series are left out."""
 
 from __future__ import annotations
 
@@ -36,11 +38,22 @@ class Translation(Term):
             raise ValueError(f"translation: fields {both} are both source and target")
         if settings["series_weight"] < 0:
             raise ValueError("objectives.translation.series_weight must be >= 0")
+        text = info.text_mask
+        if settings["hide_text"] and (self.source & text).any():
+            named = [
+                k for k, s_, t in zip(info.keywords, self.source, text, strict=True) if s_ and t
+            ]
+            raise ValueError(
+                f"config.objectives.translation.source names the free-text fields {named}, "
+                "which hide_text (on) hides; remove them or set hide_text=False"
+            )
         self.series_target = None  # cross-series: bool [F], or None when off
+        self.series_hidden = None  # the other series' fields hidden from the input
         if settings["series_weight"] > 0:
             self.series_target = field_mask(
                 info, settings["series_target"], "translation.series_target"
             )
+            self.series_hidden = self.series_target | (text if settings["hide_text"] else False)
 
     def heads(self):
         return {"fusion": fusion_head(self.ctx)}
@@ -80,7 +93,7 @@ class Translation(Term):
             )
         partner = batch["partner_tokens"], batch["partner_values"], batch["partner_value_mask"]
         out = fused_prediction(
-            run, inputs.feats, *ploss.apply_field_mask(*partner, self.series_target)
+            run, inputs.feats, *ploss.apply_field_mask(*partner, self.series_hidden)
         )
         has_partner = jnp.asarray(batch["has_partner"]).astype(bool)
         predict = jnp.asarray(self.series_target)[None, :] & has_partner[:, None]
