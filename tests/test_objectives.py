@@ -425,7 +425,7 @@ def test_protocol_info_from_vocabulary():
         text_fields=("SeriesDescription",),
     )  # fmt: skip
     assert info.text_mask.tolist() == [False, True, False]
-    assert info.num_fields == 2 and hash(info)
+    assert info.num_fields == 3 and hash(info)
 
 
 def test_series_translation_predicts_the_partner_series_hidden_settings():
