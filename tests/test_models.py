@@ -427,6 +427,50 @@ def test_mae_masking():
     assert jax.eval_shape(never_empty, jax.random.key(0))[0].shape == (1, 1)
 
 
+@pytest.mark.parametrize(
+    "patches, ratio, kept",
+    [
+        (14, 0.75, 3),  # 3.5: floor, as MAE's reference code; round() kept 4 (71% hidden)
+        (196, 0.75, 49),  # ViT-B/16 at 224 px: exactly a quarter
+        (20, 0.9, 2),  # 20 * (1 - 0.9) = 1.9999999999999996: float error is not a patch
+        (10, 0.95, 1),  # at least one patch is kept
+        (16, 0.0, 16),
+    ],
+)
+def test_mae_masking_keeps_the_floor_of_the_visible_share(patches, ratio, kept):
+    masking = functools.partial(mae_masking, batch_size=2, num_patches=patches, mask_ratio=ratio)
+    keep, _, mask = jax.eval_shape(masking, jax.random.key(0))
+    assert keep.shape == (2, kept) and mask.shape == (2, patches)
+
+
+def test_mae_masking_refuses_ratios_outside_0_1():
+    for ratio in (1.0, -0.1):
+        with pytest.raises(ValueError, match="mask_ratio must be in"):
+            mae_masking(jax.random.key(0), 1, 16, ratio)
+
+
+@pytest.mark.parametrize(
+    "shape, patch", [((2, 8, 12, 3), (4, 4)), ((2, 8, 12, 1), (2, 3)), ((1, 4, 8, 6, 2), (2, 4, 3))]
+)
+def test_patchify_round_trip(shape, patch):
+    x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+    patches = patchify(x, patch)
+    assert patches.shape == (
+        shape[0],
+        np.prod(shape[1:-1]) // np.prod(patch),
+        np.prod(patch) * shape[-1],
+    )
+    # Patch 0 is the top-left (front) block, raster order with channels last.
+    corner = x[(0,) + tuple(slice(0, k) for k in patch)]
+    np.testing.assert_array_equal(patches[0, 0], corner.reshape(-1))
+    np.testing.assert_array_equal(unpatchify(patches, patch, shape[1:-1]), x)
+
+
+def test_patchify_rejects_indivisible_sizes():
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        patchify(jnp.zeros((1, 10, 8, 1)), (4, 4))
+
+
 def test_mae_decoder_shapes_and_gradients():
     b, t = 3, 16
     restore = jnp.asarray(np.stack([np.random.default_rng(i).permutation(t) for i in range(b)]))

@@ -1,4 +1,4 @@
-"""Tests of the pretraining objectives (pgjax.train.objectives) with tiny models on CPU.
+"""Tests of the pretraining objectives (pgjax.objectives) with tiny models on CPU.
 
 Each training test is one jitted function (init, then Adam steps in a scan), so it compiles
 once.
@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pgjax.train import objectives as ob
+import pgjax.objectives as ob
 from pgjax.train.mesh import BATCH_AXES, batch_sharding, make_mesh
 
 # XLA CPU options for these tests: compilation, not running, dominates tiny models on CPU.
@@ -34,9 +34,9 @@ INFO = ob.ProtocolInfo(
         "MagneticFieldStrength",
     ),
     field_ranges=((4, 8), (8, 14), (14, 20), (20, 26), (26, 32), (32, 40)),
-    field_kinds=("categorical", "categorical", "numeric", "categorical", "numeric", "numeric"),
     vocab_size=40,
 )
+KINDS = ("categorical", "categorical", "numeric", "categorical", "numeric", "numeric")
 TINY = dict(depth=1, width=32, num_heads=2, mlp_dim=64)
 
 # Per term: its settings for the tiny test models, and the parameter parts it must train.
@@ -81,7 +81,7 @@ def make_batch(b=16, spatial=(32, 32), seed=0):
     tokens = lo + jax.random.randint(k_tok, (b, len(lo)), 0, 1 << 20) % (hi - lo)
     missing = jax.random.bernoulli(k_missing, 0.15, tokens.shape)
     tokens = jnp.where(missing, 1, tokens).astype(jnp.int32)  # 1 = MISSING
-    numeric = np.array([k == "numeric" for k in INFO.field_kinds])
+    numeric = np.array([k == "numeric" for k in KINDS])
     value_mask = (numeric & ~missing).astype(jnp.float32)
     values = jax.random.normal(k_val, tokens.shape) * value_mask
     image = jax.random.uniform(k_img, (b, *spatial, 1))
@@ -105,14 +105,16 @@ def _norms(tree):
 
 
 def train(objective, batch, steps=30, lr=3e-3, compiler_options=FAST_COMPILE):
-    """Init, then `steps` Adam steps of `objective.loss` on a fixed batch and rng, alternating
-    with Adam steps of `disc_loss` on params["disc"] when there is a discriminator (whose grads
-    from `loss` are zeroed, as the trainer does).
+    """Init, then `steps` Adam steps of `objective.loss` on a fixed batch and rng. With a
+    discriminator, as in the trainer: one gradient of the loss's value for every parameter,
+    the discriminator's taking its own Adam step (both players from the same parameters).
 
     Returns (initial variables, final variables, history, final loss); history holds per step
-    the loss, metrics and per-part gradient norms (taken before that step's update) and, with
-    a discriminator, the same for disc_loss.
+    the loss, metrics and per-part gradient norms (taken before that step's update).
     """
+
+    def split(tree):
+        return {k: v for k, v in tree.items() if k != "disc"}, tree.get("disc")
 
     def run(init_rng, rng):
         variables = objective.init(init_rng, batch)
@@ -125,30 +127,24 @@ def train(objective, batch, steps=30, lr=3e-3, compiler_options=FAST_COMPILE):
             params, state, opt_state, disc_opt_state = carry
 
             def loss_fn(p):
-                loss, metrics, new_state = objective.loss({"params": p, **state}, batch, rng)
-                return loss, (metrics, new_state)
+                value, metrics, new_state = objective.loss({"params": p, **state}, batch, rng)
+                return value, (metrics, new_state)
 
-            (loss, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            out = {"loss": loss, "metrics": metrics, "grads": _norms(grads)}
-            if has_disc:
-                grads = {**grads, "disc": jax.tree.map(jnp.zeros_like, grads["disc"])}
+            (_, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            out = {"loss": metrics["loss"], "metrics": metrics, "grads": _norms(grads)}
+            (model, disc), (grads, disc_grads) = split(params), split(grads)
             updates, opt_state = opt.update(grads, opt_state)
-            params = optax.apply_updates(params, updates)
+            params = optax.apply_updates(model, updates)
             if has_disc:
-
-                def disc_fn(p):
-                    return objective.disc_loss({"params": p, **new_state}, batch, rng)
-
-                (d_loss, d_metrics), d_grads = jax.value_and_grad(disc_fn, has_aux=True)(params)
-                out.update(d_loss=d_loss, d_metrics=d_metrics, d_grads=_norms(d_grads))
-                d_updates, disc_opt_state = opt.update(d_grads["disc"], disc_opt_state)
-                params = {**params, "disc": optax.apply_updates(params["disc"], d_updates)}
+                d_updates, disc_opt_state = opt.update(disc_grads, disc_opt_state)
+                params = {**params, "disc": optax.apply_updates(disc, d_updates)}
             return (params, new_state, opt_state, disc_opt_state), out
 
-        disc_opt_state = opt.init(params["disc"]) if has_disc else ()
-        carry = (params, state, opt.init(params), disc_opt_state)
+        model, disc = split(params)
+        disc_opt_state = opt.init(disc) if has_disc else ()
+        carry = (params, state, opt.init(model), disc_opt_state)
         (params, state, _, _), history = jax.lax.scan(step, carry, None, length=steps)
-        final_loss = objective.loss({"params": params, **state}, batch, rng)[0]
+        final_loss = objective.loss({"params": params, **state}, batch, rng)[1]["loss"]
         return variables, {"params": params, **state}, history, final_loss
 
     return jax.jit(run, compiler_options=compiler_options)(jax.random.key(1), jax.random.key(2))
@@ -156,7 +152,7 @@ def train(objective, batch, steps=30, lr=3e-3, compiler_options=FAST_COMPILE):
 
 def check_training(objective, result, expected_parts):
     initial, final, history, final_loss = result
-    # Exactly the parts the terms use (plus the discriminator, trained by disc_loss only).
+    # Exactly the parts the terms use (plus the discriminator, trained by its own loss only).
     disc = {"disc"} if objective.has_discriminator else set()
     assert set(initial["params"]) == set(expected_parts) | disc
     loss = np.asarray(history["loss"])
@@ -234,12 +230,9 @@ def test_ce_dcm_alternates_generator_and_discriminator():
     result = train(objective, make_batch(), steps=30, compiler_options=CONV_COMPILE)
     initial, final, history, _ = result
     check_training(objective, result, {"image_encoder", "ce_decoder"})
-    # The discriminator learns only from disc_loss, the generator only from loss.
-    assert np.all(np.asarray(history["grads"]["disc"][0]) == 0)
-    for part in ("image_encoder", "ce_decoder"):
-        assert np.all(np.asarray(history["d_grads"][part][0]) == 0), part
-    assert np.all(np.asarray(history["d_grads"]["disc"][0]) > 0)
-    d_loss = np.asarray(history["d_loss"])
+    # The discriminator learns (its own loss; tests/test_ce_dcm.py: each player's gradient).
+    assert np.all(np.asarray(history["grads"]["disc"][0]) > 0)
+    d_loss = np.asarray(history["metrics"]["disc/loss"])
     assert np.all(np.isfinite(d_loss))
     assert d_loss[-5:].mean() < d_loss[:5].mean()  # it learns to tell true holes from filled
     m = history["metrics"]
@@ -356,8 +349,12 @@ def test_translation_sees_only_the_source_fields():
 def test_ce_dcm_hole_is_central():
     config = make_config([], encoder="resnet_mu", encoder_kw={}, ce_dcm=dict(weight=1.0))
     objective = ob.build_objective(config, INFO, None)
-    assert objective._hole((2, 32, 32, 1)) == (slice(12, 20), slice(12, 20))
-    assert objective._hole((2, 16, 64, 64, 1)) == (slice(6, 10), slice(24, 40), slice(24, 40))
+    assert objective.terms["ce_dcm"].hole((2, 32, 32, 1)) == (slice(12, 20), slice(12, 20))
+    assert objective.terms["ce_dcm"].hole((2, 16, 64, 64, 1)) == (
+        slice(6, 10),
+        slice(24, 40),
+        slice(24, 40),
+    )
 
 
 def test_config_errors():
@@ -386,8 +383,6 @@ def test_config_errors():
     dcm = ob.build_objective(make_config(["dcm"]), INFO, None)
     with pytest.raises(ValueError, match="no protocol encoder"):
         dcm.embed_protocol({}, None, None, None)
-    with pytest.raises(ValueError, match="no discriminator"):
-        dcm.disc_loss({}, make_batch(b=2), jax.random.key(0))
 
 
 def test_ce_dcm_hole_too_small_for_the_discriminator():
@@ -399,24 +394,38 @@ def test_ce_dcm_hole_too_small_for_the_discriminator():
 
 def test_translation_defaults_keep_the_schema_fields():
     objective = ob.build_objective(make_config(["translation"]), INFO, None)
-    shown = [k for k, s in zip(INFO.keywords, objective.source, strict=True) if s]
-    predicted = [k for k, t in zip(INFO.keywords, objective.target, strict=True) if t]
+    shown = [
+        k for k, s in zip(INFO.keywords, objective.terms["translation"].source, strict=True) if s
+    ]
+    predicted = [
+        k for k, t in zip(INFO.keywords, objective.terms["translation"].target, strict=True) if t
+    ]
     assert shown == ["KVP", "ConvolutionKernel", "SliceThickness"]
     assert predicted == ["Manufacturer", "ManufacturerModelName", "MagneticFieldStrength"]
 
 
 def test_protocol_info_from_vocabulary():
+    from pgjax.data.schema import Field, Schema
+
     class Vocab:  # the attributes of pgjax.data.tokenizer.Vocabulary that are read
-        keywords = ["Modality", "KVP"]
-        field_ranges = [(4, 6), (6, 9)]
-        field_kinds = ["categorical", "numeric"]
-        size = 9
+        keywords = ["Modality", "SeriesDescription", "KVP"]
+        field_ranges = [(4, 6), (6, 8), (8, 11)]
+        size = 11
+        schema = Schema(
+            (
+                Field("Modality", "categorical"),
+                Field("SeriesDescription", "categorical", freetext=True),
+                Field("KVP", "numeric", multi="first"),
+            )
+        )
 
     info = ob.ProtocolInfo.from_vocabulary(Vocab())
     assert info == ob.ProtocolInfo(
-        ("Modality", "KVP"), ((4, 6), (6, 9)), ("categorical", "numeric"), 9
-    )
-    assert info.num_fields == 2 and hash(info)
+        ("Modality", "SeriesDescription", "KVP"), ((4, 6), (6, 8), (8, 11)), 11,
+        text_fields=("SeriesDescription",),
+    )  # fmt: skip
+    assert info.text_mask.tolist() == [False, True, False]
+    assert info.num_fields == 3 and hash(info)
 
 
 def test_series_translation_predicts_the_partner_series_hidden_settings():
@@ -427,7 +436,11 @@ def test_series_translation_predicts_the_partner_series_hidden_settings():
         translation=dict(weight=1.0, source=("KVP",), target=("Manufacturer",), series_weight=2.0),
     )
     objective = ob.build_objective(config, INFO, None)
-    target = [k for k, t in zip(INFO.keywords, objective.series_target, strict=True) if t]
+    target = [
+        k
+        for k, t in zip(INFO.keywords, objective.terms["translation"].series_target, strict=True)
+        if t
+    ]
     assert target == ["KVP", "ConvolutionKernel", "SliceThickness"]  # the defaults in INFO
     batch = make_batch(b=4)
     partner = make_batch(b=4, seed=1)

@@ -100,6 +100,9 @@ def test_protocol_genome_learns(straight):
     keys = set(rows[-1])
     assert {"loss", "lr", "grad_norm", "steps_per_s", "images_per_s"} <= keys
     assert any("temperature" in k for k in keys), keys
+    # What the image adds to each protocol term: accuracy with it and with it zeroed.
+    for metric in ("mpp_accuracy", "translation_accuracy", "translation_series_accuracy"):
+        assert {f"image/{metric}", f"image/{metric}_no_image", f"image/{metric}_gain"} <= keys
     # Every item of this store has a partner series: cross-series translation is trained.
     assert all(r["translation_series_items"] == 1.0 for r in rows)
     assert all(np.isfinite(r["translation_series_ce"]) for r in rows)

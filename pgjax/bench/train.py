@@ -66,9 +66,9 @@ def _random_batch(config, info, image_shape, batch: int) -> dict:
 
 def measure_step(config, info, image_shape, devices, steps: int) -> dict:
     """Compile and time the train step on a sub-mesh of `devices`, on a resident batch."""
+    from pgjax.objectives import build_objective
     from pgjax.train import mesh as mesh_lib
     from pgjax.train import train as T
-    from pgjax.train.objectives import build_objective
 
     mesh = mesh_lib.make_mesh(len(devices) // config.mesh.fsdp, config.mesh.fsdp, devices)
     objective = build_objective(config, info, mesh)

@@ -66,7 +66,7 @@ class Embedder:
     """Image (and protocol) embeddings of store rows for one model."""
 
     def __init__(self, model: Model, store: str | Path, *, group: str = "images", batch: int = 64):
-        from pgjax.train.objectives import ProtocolInfo, build_objective
+        from pgjax.objectives import ProtocolInfo, build_objective
 
         self.model = model
         self.store = Path(store)
@@ -106,7 +106,7 @@ class Embedder:
     def _random_variables(self) -> dict:
         """Fresh encoder parameters (only the parts embedding reads: initialising the whole
         objective would compile every head for nothing)."""
-        from pgjax.train.objectives import _takes_train
+        from pgjax.objectives.base import takes_train
 
         example = self.read(np.zeros(1, dtype=np.int64))
         key = jax.random.key(self.model.init_seed)
@@ -116,7 +116,7 @@ class Embedder:
         variables: dict = {"params": {}}
         for i, name in enumerate(n for n in inputs if n in self.objective.parts):
             module = self.objective.parts[name]
-            kw = {"train": False} if _takes_train(module) else {}
+            kw = {"train": False} if takes_train(module) else {}
             k = jax.random.fold_in(key, i)
             v = jax.jit(lambda k, *a, m=module, kw=kw: m.init({"params": k, "dropout": k}, *a,
                                                                **kw))(k, *inputs[name])  # fmt: skip

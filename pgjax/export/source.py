@@ -50,7 +50,7 @@ def build_objective_for(config: dict, st):
     """The training objective of a config (a dict, as in config.json) on a store's vocabulary."""
     import ml_collections
 
-    from pgjax.train.objectives import ProtocolInfo, build_objective
+    from pgjax.objectives import ProtocolInfo, build_objective
 
     info = ProtocolInfo.from_vocabulary(st.vocabulary())
     return build_objective(ml_collections.ConfigDict(config), info, mesh=None)

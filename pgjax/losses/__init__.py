@@ -15,16 +15,11 @@ from pgjax.losses.contrastive import (
 from pgjax.losses.image import (
     hinge_d_loss,
     hinge_g_loss,
-    inpainting_l2,
     mae_loss,
     nt_xent_loss,
     nt_xent_loss_sharded,
-    patchify,
-    random_masking,
-    unpatchify,
 )
 from pgjax.losses.protocol import (
-    DEVICE_FIELDS,
     MASK,
     MISSING,
     PAD,
@@ -39,7 +34,6 @@ from pgjax.losses.protocol import (
 )
 
 __all__ = [
-    "DEVICE_FIELDS",
     "MASK",
     "MISSING",
     "PAD",
@@ -53,14 +47,11 @@ __all__ = [
     "field_group",
     "hinge_d_loss",
     "hinge_g_loss",
-    "inpainting_l2",
     "mae_loss",
     "masked_mean",
     "masked_protocol_loss",
     "nt_xent_loss",
     "nt_xent_loss_sharded",
-    "patchify",
-    "random_masking",
     "restricted_log_softmax",
     "ring_logsumexp",
     "sample_field_mask",
@@ -69,5 +60,4 @@ __all__ = [
     "siglip_loss_allgather",
     "siglip_loss_sharded",
     "translation_loss",
-    "unpatchify",
 ]

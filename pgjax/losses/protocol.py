@@ -25,10 +25,6 @@ from pgjax.losses.contrastive import MASKED_LOGIT, AxisName, masked_mean
 # batching and of the pretext task, and never are.
 NUM_SPECIAL = max(PAD, MISSING, UNK, MASK) + 1
 
-# The fields translated as a group in objective (3): what identifies the scanner.
-DEVICE_FIELDS = ("Manufacturer", "ManufacturerModelName", "MagneticFieldStrength")
-
-
 def allowed_targets(field_ranges: Sequence[tuple[int, int]], vocab_size: int) -> np.ndarray:
     """Which ids each field may take: bool [F, V].
 
@@ -166,9 +162,9 @@ def translation_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Protocol-protocol translation: predict a fixed group of fields from the others.
 
-    Same as `masked_protocol_loss` with predict_mask = group ([F] bool, e.g.
-    `field_group(schema.keywords, DEVICE_FIELDS)`) for every item; the model input should have
-    that group hidden (`apply_field_mask`). Returns (loss, metrics).
+    Same as `masked_protocol_loss` with predict_mask = group ([F] bool, e.g. `field_group(
+    schema.keywords, pgjax.objectives.DEVICE_FIELDS)`) for every item; the model input should
+    have that group hidden (`apply_field_mask`). Returns (loss, metrics).
     """
     predict_mask = jnp.broadcast_to(jnp.asarray(group, dtype=bool), tokens.shape)
     return masked_protocol_loss(

@@ -14,10 +14,12 @@ import flax.linen as nn
 
 from pgjax.models.heads import (
     ContextEncoderDecoder,
+    FieldPredictionHead,
     FusionHead,
     MAEDecoder,
     ProjectionDiscriminator,
     ProjectionHead,
+    SimCLRProjection,
     mae_masking,
 )
 from pgjax.models.protocol_encoder import ProtocolEncoder, protocol_config
@@ -26,12 +28,14 @@ from pgjax.models.vit import ViT, patchify, unpatchify, vit_config
 
 __all__ = [
     "ContextEncoderDecoder",
+    "FieldPredictionHead",
     "FusionHead",
     "MAEDecoder",
     "ProjectionDiscriminator",
     "ProjectionHead",
     "ProtocolEncoder",
     "ResNet",
+    "SimCLRProjection",
     "ViT",
     "build_image_encoder",
     "build_protocol_encoder",

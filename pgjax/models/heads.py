@@ -1,6 +1,7 @@
-"""Heads on top of the encoders: contrastive projection, protocol fusion (masked protocol
-prediction and translation), the MAE pixel decoder, and the context-encoder inpainting decoder
-and tag-conditioned projection discriminator of the CE+DCM baseline (Hu et al. 2020).
+"""Heads on top of the encoders: contrastive and SimCLR projections, protocol fusion (masked
+protocol prediction and translation), the DCM field-prediction head, the MAE pixel decoder, and
+the context-encoder inpainting decoder and tag-conditioned projection discriminator of the
+CE+DCM baseline (Hu et al. 2020).
 
 Heads that feed a loss return float32 whatever the compute dtype, so losses are computed in
 float32.
@@ -157,14 +158,69 @@ class FusionHead(nn.Module):
         return {"logits": logits.astype(jnp.float32), "values": values.astype(jnp.float32)}
 
 
+class FieldPredictionHead(nn.Module):
+    """DCM head: every protocol field's token logits and numeric value from one pooled image
+    embedding, [B, D] -> {"logits": float32 [B, F, V], "values": float32 [B, F]}.
+
+    A field-specific projection to `width` (a per-field linear read-out of the image embedding,
+    like Hu et al.'s classifier on the encoder's features), GELU and LayerNorm, then token and
+    value layers shared by the fields: a low-rank stand-in for F separate V-way classifiers,
+    which would cost D * F * V parameters.
+    """
+
+    num_fields: int
+    vocab_size: int
+    width: int = 256
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled):
+        dense = dict(kernel_init=dense_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.Dense(self.num_fields * self.width, name="field_proj", **dense)(pooled)
+        x = nn.gelu(x.reshape(pooled.shape[0], self.num_fields, self.width), approximate=False)
+        x = nn.LayerNorm(
+            epsilon=LN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
+        )(x)
+        logits = nn.Dense(self.vocab_size, name="token_head", **dense)(x)
+        values = nn.Dense(1, name="value_head", **dense)(x)[..., 0]
+        return {"logits": logits.astype(jnp.float32), "values": values.astype(jnp.float32)}
+
+
+class SimCLRProjection(nn.Module):
+    """SimCLR's two-layer MLP projection, [B, D] -> float32 [B, embed_dim]; the hidden width
+    defaults to the input width D (2048 for SimCLR's ResNet-50), known only at init."""
+
+    embed_dim: int = 128
+    hidden_dim: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return ProjectionHead(
+            self.embed_dim,
+            hidden_dim=self.hidden_dim or x.shape[-1],
+            activation="relu",
+            normalize=False,  # NT-Xent normalises
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="mlp",
+        )(x)
+
+
 def mae_masking(rng, batch_size: int, num_patches: int, mask_ratio: float):
     """Random per-sample patch masking (He et al. 2022).
 
-    Keeps round(num_patches * (1 - mask_ratio)) patches (at least one). Returns
-    (keep_indices int32 [B, K] for `ViT(keep_indices=...)`, restore_indices int32 [B, T] for
-    `MAEDecoder`, mask float32 [B, T] in patch order: 1 where the patch was hidden).
+    Keeps floor(num_patches * (1 - mask_ratio)) patches, at least one: MAE's reference code
+    (`int(L * (1 - mask_ratio))`), so the hidden share is never below mask_ratio (14 patches at
+    0.75 keep 3, not 4). A 1e-6 slack absorbs float error: 20 * (1 - 0.9) is 1.9999999999999996.
+    Returns (keep_indices int32 [B, K] for `ViT(keep_indices=...)`, restore_indices int32 [B, T]
+    for `MAEDecoder`, mask float32 [B, T] in patch order: 1 where the patch was hidden).
     """
-    keep = max(1, round(num_patches * (1.0 - mask_ratio)))
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    keep = max(1, math.floor(num_patches * (1.0 - mask_ratio) + 1e-6))
     noise = jax.random.uniform(rng, (batch_size, num_patches))
     shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
     restore = jnp.argsort(shuffle, axis=1).astype(jnp.int32)

@@ -142,6 +142,8 @@ def patchify(x, patch_size: Sequence[int]):
     patch = tuple(patch_size)
     nd = len(patch)
     b, spatial, c = x.shape[0], x.shape[1:-1], x.shape[-1]
+    if len(spatial) != nd or any(s % p for s, p in zip(spatial, patch, strict=True)):
+        raise ValueError(f"image size {tuple(spatial)} is not divisible by the patch size {patch}")
     grid = tuple(s // p for s, p in zip(spatial, patch, strict=True))
     # [B, g1, p1, g2, p2, ..., C] -> [B, g1, g2, ..., p1, p2, ..., C]
     x = x.reshape(b, *[d for gp in zip(grid, patch, strict=True) for d in gp], c)

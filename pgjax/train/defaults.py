@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import ml_collections
 
-# Device fields (who made the image) and acquisition fields (how it was made): the two groups
-# that protocol-protocol translation maps between (ours; the paper names the idea only).
-DEVICE_FIELDS = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions",
-                 "MagneticFieldStrength")  # fmt: skip
-ACQUISITION_FIELDS = ("Modality", "BodyPartExamined", "ConvolutionKernel", "KVP",
-                      "XRayTubeCurrent", "Exposure", "SliceThickness", "RepetitionTime",
-                      "EchoTime", "InversionTime", "FlipAngle", "ScanningSequence",
-                      "SequenceVariant", "ViewPosition")  # fmt: skip
+# The field groups live with the objectives' defaults (one source). Plain tuples in the config,
+# so that a command line may override them with any tuple.
+from pgjax.objectives.defaults import ACQUISITION_FIELDS, DEVICE_FIELDS
+from pgjax.train import mesh as mesh_lib
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,14 +44,17 @@ def base_config() -> ml_collections.ConfigDict:
         # Within each item (acquisition -> device), and across the series of a study (another
         # series' acquisition settings from this image; the loader pairs the series).
         translation=dict(
-            weight=0.5, source=ACQUISITION_FIELDS, target=DEVICE_FIELDS, series_weight=1.0
+            weight=0.5,
+            source=tuple(ACQUISITION_FIELDS),
+            target=tuple(DEVICE_FIELDS),
+            series_weight=1.0,
         ),
         # SimCLR draws its two views with its own, strong augmentation (pgjax/train/augment.py).
         simclr=dict(weight=0.0, temperature=0.1, augment=dict(preset="simclr")),
         mae=dict(weight=0.0, mask_ratio=0.75, decoder={}),
         dcm=dict(weight=0.0, numeric_weight=1.0),
         # A central hole of half the image side, as in Pathak et al. 2016 and Hu et al. 2020.
-        ce_dcm=dict(weight=0.0, hole=0.5, adv_weight=0.001, tags=DEVICE_FIELDS),
+        ce_dcm=dict(weight=0.0, hole=0.5, adv_weight=0.001, tags=tuple(DEVICE_FIELDS)),
     )
     # What every other objective sees: random crops only (ours). No intensity jitter: intensity
     # and noise texture carry kVp, kernel and field strength, the signal the protocol objectives
@@ -79,11 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = {"from": None, "format": "auto", "strict": True, "stem": "sum", "prefix": ""}
     c.total_steps = 100_000
     c.mesh = dict(data=-1, fsdp=1)
-    # (regex on the parameter path, rule): see pgjax/train/mesh.py.
-    c.sharding_rules = (
-        (r".*(bias|scale|cls|pos_embed|log_scale|logit_bias|temperature)$", "replicate"),
-        (r".*", "fsdp"),
-    )
+    # (regex on the parameter path, rule): see pgjax/train/mesh.py, whose defaults these are.
+    c.sharding_rules = mesh_lib.DEFAULT_RULES
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from pgjax.objectives import ProtocolInfo, build_objective
 from pgjax.progress import Progress
 from pgjax.train import checkpoint as ckpt
 from pgjax.train import init_from
 from pgjax.train import mesh as mesh_lib
 from pgjax.train.input_pipeline import InputConfig, make_iterator, to_global
-from pgjax.train.objectives import ProtocolInfo, build_objective
 
 
 class NonFiniteLoss(RuntimeError):
@@ -56,6 +56,24 @@ def protocol_info(store_path: str) -> ProtocolInfo:
     return ProtocolInfo.from_vocabulary(open_store(store_path).vocabulary())
 
 
+def decays(path: str) -> bool:
+    """Whether AdamW decays the parameter at `path` ("image_encoder/blocks_0/mlp/fc1/kernel").
+
+    The rule: weight decay applies to the weights of dense and conv layers (leaves named
+    "kernel") and to nothing else: not to biases, norm scales, scalars (temperature, SigLIP
+    bias), or embeddings (token, field, value and position embeddings, cls and mask tokens),
+    which decay would pull towards zero for no regularising gain (as in CLIP and MAE).
+    """
+    return path.rsplit("/", 1)[-1] == "kernel"
+
+
+def weight_decay_mask(params):
+    """`decays` over a parameter tree: a tree of bools, optax's `mask`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: decays(mesh_lib.path_name(path)), params
+    )
+
+
 def make_optimizer(o, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -65,15 +83,11 @@ def make_optimizer(o, total_steps: int) -> tuple[optax.GradientTransformation, o
         end_value=o.lr * o.final_lr_ratio,
     )
 
-    def decay_mask(params):
-        # No weight decay on biases, norm scales, embeddings of position/cls, temperatures.
-        return jax.tree_util.tree_map_with_path(
-            lambda path, p: p.ndim >= 2 and "pos_embed" not in mesh_lib.path_name(path), params
-        )
-
     tx = optax.chain(
         optax.clip_by_global_norm(o.clip_norm),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask),
+        optax.adamw(
+            schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=weight_decay_mask
+        ),
     )
     return tx, schedule
 
@@ -177,44 +191,31 @@ def train_step(s: Setup, state: dict, raw_batch: dict) -> tuple[dict, dict]:
     objective, config = s.objective, s.config
     step = state["step"]
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
-    rng_d, rng_g = jax.random.split(rng)
+    _, rng_g = jax.random.split(rng)  # (the first half was the discriminator's own pass)
     batch = prepare_batch(raw_batch)
     params = state["params"]
-    metrics = {}
 
-    new_disc_opt = state.get("disc_opt_state")
-    if objective.has_discriminator:
-        # Discriminator first, against the current generator (alternating updates).
-        def disc_loss(disc_params):
-            variables = {"params": {**params, "disc": disc_params}, **state["model_state"]}
-            return objective.disc_loss(variables, batch, rng_d)
-
-        (_, d_metrics), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(params["disc"])
-        d_updates, new_disc_opt = s.tx_disc.update(d_grads, new_disc_opt, params["disc"])
-        params = {**params, "disc": optax.apply_updates(params["disc"], d_updates)}
-        metrics.update({f"disc/{k}": v for k, v in d_metrics.items()})
-
-    model_params, disc_params = _split_disc(params)
-
-    def loss_fn(mp, model_state, micro, key):
-        full = dict(mp, disc=disc_params) if disc_params is not None else mp
-        loss, m, new_model_state = objective.loss({"params": full, **model_state}, micro, key)
+    # One gradient for every parameter, the discriminator's included: its hinge loss is part of
+    # the objective's value, on the generator's fake of the same micro-batch (see
+    # objectives/ce_dcm.py), so accumulation bounds its memory too and the fake is made once.
+    def loss_fn(p, model_state, micro, key):
+        loss, m, new_model_state = objective.loss({"params": p, **model_state}, micro, key)
         return loss, (m, new_model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     n_micro = config.optim.accum_steps
     if n_micro == 1:
-        (loss, (m, model_state)), grads = grad_fn(model_params, state["model_state"], batch, rng_g)
+        (loss, (m, model_state)), grads = grad_fn(params, state["model_state"], batch, rng_g)
     else:
         micro = _micro_batches(batch, n_micro, s.mesh)
 
         def body(carry, xs):
             grads_acc, model_state = carry
             mb, k = xs
-            (loss, (m, model_state)), g = grad_fn(model_params, model_state, mb, k)
+            (loss, (m, model_state)), g = grad_fn(params, model_state, mb, k)
             return (jax.tree.map(jnp.add, grads_acc, g), model_state), (loss, m)
 
-        zeros = jax.tree.map(jnp.zeros_like, model_params)
+        zeros = jax.tree.map(jnp.zeros_like, params)
         keys = jax.random.split(rng_g, n_micro)
         (grads, model_state), (losses, ms) = jax.lax.scan(
             body, (zeros, state["model_state"]), (micro, keys)
@@ -222,8 +223,13 @@ def train_step(s: Setup, state: dict, raw_batch: dict) -> tuple[dict, dict]:
         grads = jax.tree.map(lambda g: g / n_micro, grads)
         loss, m = losses.mean(), jax.tree.map(jnp.mean, ms)
 
+    model_params, disc_params = _split_disc(params)
+    grads, disc_grads = _split_disc(grads)
     updates, opt_state = s.tx.update(grads, state["opt_state"], model_params)
-    new_model_params = optax.apply_updates(model_params, updates)
+    new_params = optax.apply_updates(model_params, updates)
+    if disc_params is not None:
+        d_updates, new_disc_opt = s.tx_disc.update(disc_grads, state["disc_opt_state"], disc_params)
+        new_params = dict(new_params, disc=optax.apply_updates(disc_params, d_updates))
     grad_norm = optax.tree.norm(grads)
     # NaN guard: a non-finite step changes nothing but the counters, so the parameters (and
     # the next checkpoint) stay the last good ones; the host stops the run on the next check.
@@ -232,11 +238,6 @@ def train_step(s: Setup, state: dict, raw_batch: dict) -> tuple[dict, dict]:
     def keep_if_finite(new, old):
         return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
-    new_params = (
-        dict(new_model_params, disc=params["disc"])
-        if disc_params is not None
-        else (new_model_params)
-    )
     new_state = {
         "step": step + 1,
         "params": keep_if_finite(new_params, state["params"]),
@@ -249,8 +250,8 @@ def train_step(s: Setup, state: dict, raw_batch: dict) -> tuple[dict, dict]:
     }
     if disc_params is not None:
         new_state["disc_opt_state"] = keep_if_finite(new_disc_opt, state["disc_opt_state"])
-    metrics.update(m)
-    metrics.update(loss=loss, grad_norm=grad_norm, lr=s.schedule(step), finite=finite)
+    # "loss" is the objective's weighted sum (the discriminator's loss is "disc/loss").
+    metrics = dict(m, grad_norm=grad_norm, lr=s.schedule(step), finite=finite)
     return new_state, metrics
 
 
@@ -261,6 +262,22 @@ def compile_step(s: Setup, shardings):
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, mesh_lib.replicated(s.mesh)),
         donate_argnums=(0,),
+    )
+
+
+def compile_image_ablation(s: Setup, shardings):
+    """The objective's `image_ablation` on the state and a raw batch: each protocol term's
+    accuracy with the image and with it zeroed, logged with the training metrics."""
+
+    def fn(state, raw_batch):
+        variables = {"params": state["params"], **state["model_state"]}
+        rng = jax.random.fold_in(jax.random.key(s.config.seed), state["step"])
+        return s.objective.image_ablation(variables, prepare_batch(raw_batch), rng)
+
+    return jax.jit(
+        fn,
+        in_shardings=(shardings, mesh_lib.batch_sharding(s.mesh)),
+        out_shardings=mesh_lib.replicated(s.mesh),
     )
 
 
@@ -337,6 +354,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, max_steps: 
     it = ckpt.positioned_iterator(s.input_cfg, data_state, start)
 
     step_fn = compile_step(s, shardings)
+    ablation_fn = compile_image_ablation(s, shardings)
     end = config.total_steps if max_steps is None else min(config.total_steps, start + max_steps)
     writer = MetricsWriter(workdir)
     progress = Progress(end - start, "train", "steps", every_s=30)
@@ -357,6 +375,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, max_steps: 
                 _check_finite(state, step, manager)
                 rate = window_steps / (time.perf_counter() - window_start)
                 images = rate * config.input.global_batch
+                # What the image adds to each protocol term, on this (already seen) batch.
+                metrics = {**metrics, **ablation_fn(state, batch)}
                 writer.write(
                     step, {**jax.device_get(metrics), "steps_per_s": rate, "images_per_s": images}
                 )
