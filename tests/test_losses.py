@@ -1,5 +1,6 @@
 """Tests of pgjax.losses: sharded losses equal their dense references, values and gradients."""
 
+import functools
 import math
 import re
 
@@ -170,6 +171,68 @@ def test_contrastive_loss_rejects_bad_arguments():
         C.contrastive_loss(img, txt, 1.0, kind="siglip", mesh=mesh)
     with pytest.raises(ValueError, match="unknown"):
         C.contrastive_loss(img, txt, 1.0, mesh=mesh, method="gather")
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: the similarity products run in full float32 on every backend
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The `precision` of every dot_general in a jaxpr, nested ones (shard_map, scan,
+    checkpoint, custom rules) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                if hasattr(sub, "eqns"):
+                    found += _dot_precisions(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    found += _dot_precisions(sub.jaxpr)
+    return found
+
+
+def _contrastive_fn(kind, method):
+    """(img, txt, log_scale, bias) -> the loss `kind` computed by `method`."""
+    mesh, _ = _mesh("8")
+
+    def nt_xent_ring(img, txt):
+        local = functools.partial(I.nt_xent_loss_sharded, temperature=0.1)
+        return C.sharded_loss(
+            lambda x, y, axis: local(x, y, axis_name=axis), mesh, ("data",), (img, txt)
+        )
+
+    fns = {
+        ("clip", "dense"): lambda img, txt, s, b: C.clip_loss(img, txt, s),
+        ("siglip", "dense"): C.siglip_loss,
+        ("nt_xent", "dense"): lambda img, txt, s, b: I.nt_xent_loss(img, txt, 0.1),
+        ("nt_xent", "ring"): lambda img, txt, s, b: nt_xent_ring(img, txt),
+    }
+    if (kind, method) in fns:
+        return fns[kind, method]
+    return lambda img, txt, s, b: C.contrastive_loss(
+        img, txt, s, None if kind == "clip" else b, kind=kind, mesh=mesh, method=method
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, method",
+    [(k, m) for k in ("clip", "siglip") for m in ("dense", "ring", "allgather")]
+    + [("nt_xent", "dense"), ("nt_xent", "ring")],
+)
+def test_similarity_products_use_highest_precision(kind, method):
+    """Default precision is one bf16 pass on TPU (TF32 on GPU): at logit scale 100 that errs by
+    ~0.1. Every dot of the loss and of its gradient must ask for HIGHEST (CPU ignores the flag,
+    so the check is on the program, not on the numbers)."""
+    img, txt = _embeddings(16, 8)
+    fn = _contrastive_fn(kind, method)
+    grad = jax.value_and_grad(fn, (0, 1, 2))
+    jaxpr = jax.make_jaxpr(grad)(img, txt, jnp.float32(np.log(100.0)), jnp.float32(-10.0))
+    precisions = _dot_precisions(jaxpr.jaxpr)
+    assert len(precisions) >= 2, precisions  # forward and backward products were found
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    assert all(p == highest for p in precisions), precisions
 
 
 # ---------------------------------------------------------------------------------------------
