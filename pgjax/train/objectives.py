@@ -609,7 +609,7 @@ class Objective:
         protocol = run("protocol_encoder", batch["tokens"], batch["values"], batch["value_mask"])
         txt = run("protocol_proj", protocol["pooled"])
         p = run.params["contrastive"]
-        log_scale = jnp.minimum(p["log_scale"], math.log(c["max_scale"]))
+        log_scale = p["log_scale"]  # clamped to max_scale after each update (train.py)
         bias = p.get("bias")
         if self.mesh is None:
             if c["kind"] == "clip":
