@@ -445,6 +445,28 @@ def test_sample_field_mask_guarantees_min_fields():
     assert abs(counts.mean() - expected) < 0.1, (counts.mean(), expected)
 
 
+def _protocol_loss_loops(logits, numeric_pred, tokens, values, value_mask, predict, ranges):
+    """A plain-Python reference: (cross entropy, squared error, accuracy) averaged over the
+    predicted fields, field by field. A field's softmax runs over MISSING, UNK and its own ids;
+    a target outside them (PAD) is not scored."""
+    ces, hits, errors = [], [], []
+    for i in range(len(tokens)):
+        for f, (start, stop) in enumerate(ranges):
+            if not predict[i][f]:
+                continue
+            ids = [PR.MISSING, PR.UNK, *range(start, stop)]
+            if value_mask[i][f]:
+                errors.append((float(numeric_pred[i][f]) - float(values[i][f])) ** 2)
+            if tokens[i][f] not in ids:
+                continue
+            row = [float(logits[i][f][k]) for k in ids]
+            top = max(row)
+            log_z = top + math.log(sum(math.exp(v - top) for v in row))
+            ces.append(log_z - float(logits[i][f][tokens[i][f]]))
+            hits.append(ids[row.index(top)] == tokens[i][f])
+    return np.mean(ces), np.mean(errors), np.mean(hits)
+
+
 def test_translation_loss_predicts_the_fixed_group():
     keywords = ["Modality", "Manufacturer", "ManufacturerModelName", "KVP", "MagneticFieldStrength"]
     group = PR.field_group(keywords, PR.DEVICE_FIELDS)
@@ -459,13 +481,20 @@ def test_translation_loss_predicts_the_fixed_group():
     tokens = np.array([[s + 1 for s, _ in ranges]] * 3)
     values = rng.normal(size=(3, 5)).astype(np.float32)
     value_mask = np.array([[False, False, False, True, True]] * 3)
-    got = translation_loss(logits, values * 0, tokens, values, value_mask, group, allowed)
-    want = masked_protocol_loss(
-        logits, values * 0, tokens, values, value_mask, np.array([group] * 3), allowed
-    )
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    numeric_pred = rng.normal(size=(3, 5)).astype(np.float32)
+    tokens[1, 2] = PR.MISSING  # a legitimate target
+    tokens[2, 1] = PR.PAD  # not a target: left out
+    got = translation_loss(logits, numeric_pred, tokens, values, value_mask, group, allowed, 0.5)
+    ce, mse, hits = _protocol_loss_loops(logits, numeric_pred, tokens, values, value_mask,
+                                         [group] * 3, ranges)  # fmt: skip
+    np.testing.assert_allclose(got[1]["ce"], ce, rtol=1e-5)
+    np.testing.assert_allclose(got[1]["mse"], mse, rtol=1e-5)
+    np.testing.assert_allclose(got[1]["accuracy"], hits, rtol=1e-6)
+    np.testing.assert_allclose(got[0], ce + 0.5 * mse, rtol=1e-5)
+    assert got[1]["n_targets"] == 3 * 3 - 1
     # Only MagneticFieldStrength (field 4) has a predicted value; KVP is not in the group.
-    np.testing.assert_allclose(got[1]["mse"], np.mean(np.asarray(values)[:, 4] ** 2), rtol=1e-5)
+    want_mse = np.mean((numeric_pred[:, 4] - values[:, 4]) ** 2)
+    np.testing.assert_allclose(got[1]["mse"], want_mse, rtol=1e-5)
 
     hidden, hidden_values, hidden_mask = PR.apply_field_mask(tokens, values, value_mask, group)
     assert np.all(np.asarray(hidden)[:, group] == PR.MASK)

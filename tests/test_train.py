@@ -24,7 +24,7 @@ from pgjax.train.config_lib import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["pg", "pg_no_contrastive", "pg_no_masked_protocol", "pg_no_translation",
-           "simclr", "mae", "dcm", "ce_dcm"]  # fmt: skip
+           "pg_resized_crop", "simclr", "mae", "dcm", "ce_dcm"]  # fmt: skip
 VENDORS = ["SIEMENS", "GE MEDICAL SYSTEMS", "Philips"]
 
 
@@ -202,6 +202,12 @@ def test_killed_training_resumes_to_the_same_parameters(store, straight, tmp_pat
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # Killed mid-run, not after it finished: the rerun below must really resume.
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+    mgr = ckpt.manager(tmp_path / "killed")
+    latest = mgr.latest_step()
+    mgr.close()
+    assert latest is not None and 0 < latest < STEPS, latest
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert_trees_close(final_params(straight), final_params(tmp_path / "killed"))
 
