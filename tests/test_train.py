@@ -45,8 +45,11 @@ def store(tmp_path_factory):
         dst = root / "site_a" / f"{n:03d}.dcm"
         copy_with_identity(src, dst, patient=n // 2, tag=f"t{n}", study="s", **extra)
     out = tmp_path_factory.mktemp("train_store") / "store"
+    # A fixed salt (kept outside the store): the salted patient keys, and so the held-out
+    # patients of the learning test, are the same on every run.
+    (out.parent / "salt").write_text("3c" * 32 + "\n")
     cfg = PreprocessConfig(image_size=(32, 32), min_patients=2, split_fractions=(1.0, 0.0, 0.0))
-    preprocess([root], out, cfg=cfg, workers=1)
+    preprocess([root], out, cfg=cfg, workers=1, salt_file=out.parent / "salt")
     return out
 
 
@@ -194,7 +197,7 @@ def test_killed_training_resumes_to_the_same_parameters(store, straight, tmp_pat
     cmd = _train_cmd(store, tmp_path / "killed", *extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckdir = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 1200  # a guard against a hang only; loaded machines are slow
     while time.monotonic() < deadline:
         done = [p for p in ckdir.glob("*") if p.name.isdigit()] if ckdir.exists() else []
         if len(done) >= 2 or proc.poll() is not None:
