@@ -20,7 +20,7 @@ def _ramp(shape=(B, H, W, 1)):
     return jnp.broadcast_to(((jnp.arange(w) + 0.5) / w)[:, None], shape)
 
 
-@pytest.mark.parametrize("preset", ["light", "simclr"])
+@pytest.mark.parametrize("preset", ["native", "light", "simclr"])
 def test_presets_keep_shape_dtype_range_and_are_deterministic(preset):
     x = _images()
     f = jax.jit(lambda k, x: aug.augment(k, x, {"preset": preset}))
@@ -166,3 +166,67 @@ def test_from_config_reads_configdict_and_overrides_the_preset():
         ml_collections.ConfigDict({"preset": "simclr", "crop_scale": [0.2, 1.0]})
     )
     assert cfg.crop_scale == (0.2, 1.0) and cfg.brightness == aug.PRESETS["simclr"].brightness
+
+
+def _shifted(x, dy, dx):
+    """x [H, W, C] moved by (dy, dx) whole pixels, zeros coming in."""
+    out = np.zeros_like(x)
+    h, w = x.shape[:2]
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
+        max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+    ]
+    return out
+
+
+def _protocol_augment(name="pg"):
+    from pathlib import Path
+
+    from pgjax.train.config_lib import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    return aug.AugmentConfig.from_config(load_config(repo / "configs" / f"{name}.py").augment)
+
+
+def test_default_protocol_augmentation_keeps_pixel_scale():
+    """The protocol terms' default (configs/pg.py) moves each image by whole pixels and resamples
+    nothing: every item is its input shifted, every pixel value the scanner's, so a periodic
+    pattern keeps its period and noise its per-pixel statistics."""
+    cfg = _protocol_augment("pg")
+    assert cfg == aug.PRESETS["native"] and not cfg.crops and cfg.shift > 0
+    noise = jnp.clip(0.5 + 0.1 * jax.random.normal(jax.random.key(0), (B, H, W, 1)), 0, 1)
+    stripes = jnp.broadcast_to(0.25 + 0.5 * (jnp.arange(W) % 4 < 2)[:, None], (B, H, W, 1))
+    m = round(cfg.shift * W)
+    for x in (noise, stripes):
+        y = np.asarray(jax.jit(lambda k, x: aug.augment(k, x, cfg))(jax.random.key(1), x))
+        x = np.asarray(x)
+        moves = set()
+        for i in range(B):
+            found = [(dy, dx) for dy in range(-m, m + 1) for dx in range(-m, m + 1)
+                     if np.array_equal(y[i], _shifted(x[i], dy, dx))]  # fmt: skip
+            assert found, f"item {i} is not a whole-pixel shift of its input"
+            moves.add(found[0])
+        assert len(moves) > B // 4  # the shifts are drawn per item
+    assert set(np.unique(y)) <= {0.0, 0.25, 0.75}  # the stripes, or the zeros shifted in
+
+
+def test_resized_crop_ablation_still_resizes():
+    """configs/pg_resized_crop.py keeps the former default: resized crops, which magnify and
+    smooth (white noise loses part of its per-pixel std to the bilinear interpolation)."""
+    cfg = _protocol_augment("pg_resized_crop")
+    assert cfg == aug.PRESETS["light"] and cfg.crops and cfg.shift == 0
+    noise = jnp.clip(0.5 + 0.1 * jax.random.normal(jax.random.key(0), (B, H, W, 1)), 0, 1)
+    y = np.asarray(jax.jit(lambda k, x: aug.augment(k, x, cfg))(jax.random.key(1), noise))
+    std_in = float(np.std(noise))
+    assert all(float(np.std(item)) < 0.95 * std_in for item in y)
+    stripes = jnp.broadcast_to(0.25 + 0.5 * (jnp.arange(W) % 4 < 2)[:, None], (B, H, W, 1))
+    y = np.asarray(jax.jit(lambda k, x: aug.augment(k, x, cfg))(jax.random.key(1), stripes))
+    assert len(np.unique(y)) > 10  # interpolated values between the two stripe levels
+
+
+def test_shift_is_the_same_on_every_slice_of_a_volume():
+    v = jnp.broadcast_to(_images(shape=(B, 1, H, W, 1)), (B, 4, H, W, 1))
+    y = aug.augment(jax.random.key(0), v, {"preset": "native"})
+    np.testing.assert_array_equal(y, jnp.broadcast_to(y[:, :1], y.shape))
+    assert not np.array_equal(y, v)
+    with pytest.raises(ValueError, match="shift"):
+        aug.AugmentConfig(shift=1.0)

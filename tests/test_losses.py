@@ -1,5 +1,6 @@
 """Tests of pgjax.losses: sharded losses equal their dense references, values and gradients."""
 
+import functools
 import math
 import re
 
@@ -169,6 +170,68 @@ def test_contrastive_loss_rejects_bad_arguments():
         C.contrastive_loss(img, txt, 1.0, kind="siglip", mesh=mesh)
     with pytest.raises(ValueError, match="unknown"):
         C.contrastive_loss(img, txt, 1.0, mesh=mesh, method="gather")
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: the similarity products run in full float32 on every backend
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The `precision` of every dot_general in a jaxpr, nested ones (shard_map, scan,
+    checkpoint, custom rules) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                if hasattr(sub, "eqns"):
+                    found += _dot_precisions(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    found += _dot_precisions(sub.jaxpr)
+    return found
+
+
+def _contrastive_fn(kind, method):
+    """(img, txt, log_scale, bias) -> the loss `kind` computed by `method`."""
+    mesh, _ = _mesh("8")
+
+    def nt_xent_ring(img, txt):
+        local = functools.partial(I.nt_xent_loss_sharded, temperature=0.1)
+        return C.sharded_loss(
+            lambda x, y, axis: local(x, y, axis_name=axis), mesh, ("data",), (img, txt)
+        )
+
+    fns = {
+        ("clip", "dense"): lambda img, txt, s, b: C.clip_loss(img, txt, s),
+        ("siglip", "dense"): C.siglip_loss,
+        ("nt_xent", "dense"): lambda img, txt, s, b: I.nt_xent_loss(img, txt, 0.1),
+        ("nt_xent", "ring"): lambda img, txt, s, b: nt_xent_ring(img, txt),
+    }
+    if (kind, method) in fns:
+        return fns[kind, method]
+    return lambda img, txt, s, b: C.contrastive_loss(
+        img, txt, s, None if kind == "clip" else b, kind=kind, mesh=mesh, method=method
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, method",
+    [(k, m) for k in ("clip", "siglip") for m in ("dense", "ring", "allgather")]
+    + [("nt_xent", "dense"), ("nt_xent", "ring")],
+)
+def test_similarity_products_use_highest_precision(kind, method):
+    """Default precision is one bf16 pass on TPU (TF32 on GPU): at logit scale 100 that errs by
+    ~0.1. Every dot of the loss and of its gradient must ask for HIGHEST (CPU ignores the flag,
+    so the check is on the program, not on the numbers)."""
+    img, txt = _embeddings(16, 8)
+    fn = _contrastive_fn(kind, method)
+    grad = jax.value_and_grad(fn, (0, 1, 2))
+    jaxpr = jax.make_jaxpr(grad)(img, txt, jnp.float32(np.log(100.0)), jnp.float32(-10.0))
+    precisions = _dot_precisions(jaxpr.jaxpr)
+    assert len(precisions) >= 2, precisions  # forward and backward products were found
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    assert all(p == highest for p in precisions), precisions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +444,28 @@ def test_sample_field_mask_guarantees_min_fields():
     assert abs(counts.mean() - expected) < 0.1, (counts.mean(), expected)
 
 
+def _protocol_loss_loops(logits, numeric_pred, tokens, values, value_mask, predict, ranges):
+    """A plain-Python reference: (cross entropy, squared error, accuracy) averaged over the
+    predicted fields, field by field. A field's softmax runs over MISSING, UNK and its own ids;
+    a target outside them (PAD) is not scored."""
+    ces, hits, errors = [], [], []
+    for i in range(len(tokens)):
+        for f, (start, stop) in enumerate(ranges):
+            if not predict[i][f]:
+                continue
+            ids = [PR.MISSING, PR.UNK, *range(start, stop)]
+            if value_mask[i][f]:
+                errors.append((float(numeric_pred[i][f]) - float(values[i][f])) ** 2)
+            if tokens[i][f] not in ids:
+                continue
+            row = [float(logits[i][f][k]) for k in ids]
+            top = max(row)
+            log_z = top + math.log(sum(math.exp(v - top) for v in row))
+            ces.append(log_z - float(logits[i][f][tokens[i][f]]))
+            hits.append(ids[row.index(top)] == tokens[i][f])
+    return np.mean(ces), np.mean(errors), np.mean(hits)
+
+
 def test_translation_loss_predicts_the_fixed_group():
     keywords = ["Modality", "Manufacturer", "ManufacturerModelName", "KVP", "MagneticFieldStrength"]
     group = PR.field_group(
@@ -397,13 +482,20 @@ def test_translation_loss_predicts_the_fixed_group():
     tokens = np.array([[s + 1 for s, _ in ranges]] * 3)
     values = rng.normal(size=(3, 5)).astype(np.float32)
     value_mask = np.array([[False, False, False, True, True]] * 3)
-    got = translation_loss(logits, values * 0, tokens, values, value_mask, group, allowed)
-    want = masked_protocol_loss(
-        logits, values * 0, tokens, values, value_mask, np.array([group] * 3), allowed
-    )
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    numeric_pred = rng.normal(size=(3, 5)).astype(np.float32)
+    tokens[1, 2] = PR.MISSING  # a legitimate target
+    tokens[2, 1] = PR.PAD  # not a target: left out
+    got = translation_loss(logits, numeric_pred, tokens, values, value_mask, group, allowed, 0.5)
+    ce, mse, hits = _protocol_loss_loops(logits, numeric_pred, tokens, values, value_mask,
+                                         [group] * 3, ranges)  # fmt: skip
+    np.testing.assert_allclose(got[1]["ce"], ce, rtol=1e-5)
+    np.testing.assert_allclose(got[1]["mse"], mse, rtol=1e-5)
+    np.testing.assert_allclose(got[1]["accuracy"], hits, rtol=1e-6)
+    np.testing.assert_allclose(got[0], ce + 0.5 * mse, rtol=1e-5)
+    assert got[1]["n_targets"] == 3 * 3 - 1
     # Only MagneticFieldStrength (field 4) has a predicted value; KVP is not in the group.
-    np.testing.assert_allclose(got[1]["mse"], np.mean(np.asarray(values)[:, 4] ** 2), rtol=1e-5)
+    want_mse = np.mean((numeric_pred[:, 4] - values[:, 4]) ** 2)
+    np.testing.assert_allclose(got[1]["mse"], want_mse, rtol=1e-5)
 
     hidden, hidden_values, hidden_mask = PR.apply_field_mask(tokens, values, value_mask, group)
     assert np.all(np.asarray(hidden)[:, group] == PR.MASK)

@@ -184,12 +184,28 @@ def test_protocol_genome_trains_all_its_parts(protocol_genome):
     expected = set().union(*(TERMS[t][1] for t in PROTOCOL_GENOME))
     check_training(objective, result, expected)
     metrics = result[2]["metrics"]
-    for name, weight in PG_WEIGHTS.items():
-        np.testing.assert_allclose(metrics[f"{name}_weighted"], weight * metrics[name], rtol=1e-6)
-    total = sum(weight * metrics[name] for name, weight in PG_WEIGHTS.items())
-    np.testing.assert_allclose(metrics["loss"], total, rtol=1e-6)
     np.testing.assert_allclose(metrics["temperature"][0], 10.0, rtol=1e-6)
     assert float(metrics["mpp_accuracy"][-1]) > float(metrics["mpp_accuracy"][0])
+
+
+def test_total_is_the_weighted_sum_of_each_term_computed_alone(protocol_genome):
+    """The combined loss against objectives of one term each (weight 1), built separately and
+    run on the same parameters, batch and key: sum of weight x term, and each term's metrics."""
+    objective, batch, (initial, _, _, _) = protocol_genome
+    rng = jax.random.key(2)
+    jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    total, metrics, _ = jit(objective.loss)(initial, batch, rng)
+    alone = {}
+    for name in PG_WEIGHTS:
+        single = ob.build_objective(make_config([name]), INFO, one_device_mesh())
+        alone[name] = float(jit(single.loss)(initial, batch, rng)[0])
+    # Hand-summed with the weights 0.5, 1 and 2.
+    want = 0.5 * alone["contrastive"] + alone["masked_protocol"] + 2.0 * alone["translation"]
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    for name, weight in PG_WEIGHTS.items():
+        np.testing.assert_allclose(float(metrics[name]), alone[name], rtol=1e-5)
+        np.testing.assert_allclose(float(metrics[f"{name}_weighted"]), weight * alone[name],
+                                   rtol=1e-5)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -456,14 +472,17 @@ def test_series_translation_predicts_the_partner_series_hidden_settings():
     variables = jit(objective.init)(jax.random.key(0), batch)
     run = jit(lambda b: objective.loss(variables, b, jax.random.key(1)))
     loss, metrics, _ = run(batch)
-    np.testing.assert_allclose(
-        metrics["translation"],
-        metrics["translation_ce"]
-        + metrics["translation_mse"]
-        + 2.0 * (metrics["translation_series_ce"] + metrics["translation_series_mse"]),
-        rtol=1e-5,
-    )
     np.testing.assert_allclose(metrics["translation_series_items"], 0.75)
+    # The cross-series part enters linearly with its weight: objectives with series_weight 0
+    # and 1 (built separately, same parameters) give L(2) = L(0) + 2 (L(1) - L(0)).
+    by_weight = {}
+    for w in (0.0, 1.0):
+        section = dict(weight=1.0, source=("KVP",), target=("Manufacturer",), series_weight=w)
+        other = ob.build_objective(make_config([], translation=section), INFO, None)
+        by_weight[w] = float(jit(other.loss)(variables, batch, jax.random.key(1))[0])
+    series = by_weight[1.0] - by_weight[0.0]
+    assert series > 0.1  # a real cross-entropy, not a rounding difference
+    np.testing.assert_allclose(float(loss), by_weight[0.0] + 2.0 * series, rtol=1e-5)
 
     kernel, manufacturer = INFO.keywords.index("ConvolutionKernel"), 0
 
@@ -481,10 +500,8 @@ def test_series_translation_predicts_the_partner_series_hidden_settings():
     # ...and a shown field of the partner (its manufacturer) reaches the model.
     assert abs(float(run(partner_with(0, manufacturer))[0]) - base) > 1e-5
     # No partners at all: the cross-series part is exactly zero.
-    _, m0, _ = run(dict(batch, has_partner=jnp.zeros(4)))
+    loss0, m0, _ = run(dict(batch, has_partner=jnp.zeros(4)))
     assert float(m0["translation_series_ce"]) == 0.0
-    np.testing.assert_allclose(
-        m0["translation"], m0["translation_ce"] + m0["translation_mse"], rtol=1e-6
-    )
+    assert float(loss0) == by_weight[0.0]
     with pytest.raises(ValueError, match="partner"):
         objective.loss(variables, make_batch(b=4), jax.random.key(1))

@@ -24,7 +24,7 @@ from pgjax.train.config_lib import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["pg", "pg_no_contrastive", "pg_no_masked_protocol", "pg_no_translation",
-           "simclr", "mae", "dcm", "ce_dcm"]  # fmt: skip
+           "pg_resized_crop", "simclr", "mae", "dcm", "ce_dcm"]  # fmt: skip
 VENDORS = ["SIEMENS", "GE MEDICAL SYSTEMS", "Philips"]
 
 
@@ -45,8 +45,11 @@ def store(tmp_path_factory):
         dst = root / "site_a" / f"{n:03d}.dcm"
         copy_with_identity(src, dst, patient=n // 2, tag=f"t{n}", study="s", **extra)
     out = tmp_path_factory.mktemp("train_store") / "store"
+    # A fixed salt (kept outside the store): the salted patient keys, and so the held-out
+    # patients of the learning test, are the same on every run.
+    (out.parent / "salt").write_text("3c" * 32 + "\n")
     cfg = PreprocessConfig(image_size=(32, 32), min_patients=2, split_fractions=(1.0, 0.0, 0.0))
-    preprocess([root], out, cfg=cfg, workers=1)
+    preprocess([root], out, cfg=cfg, workers=1, salt_file=out.parent / "salt")
     return out
 
 
@@ -197,7 +200,7 @@ def test_killed_training_resumes_to_the_same_parameters(store, straight, tmp_pat
     cmd = _train_cmd(store, tmp_path / "killed", *extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckdir = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 1200  # a guard against a hang only; loaded machines are slow
     while time.monotonic() < deadline:
         done = [p for p in ckdir.glob("*") if p.name.isdigit()] if ckdir.exists() else []
         if len(done) >= 2 or proc.poll() is not None:
@@ -205,6 +208,12 @@ def test_killed_training_resumes_to_the_same_parameters(store, straight, tmp_pat
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # Killed mid-run, not after it finished: the rerun below must really resume.
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+    mgr = ckpt.manager(tmp_path / "killed")
+    latest = mgr.latest_step()
+    mgr.close()
+    assert latest is not None and 0 < latest < STEPS, latest
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert_trees_close(final_params(straight), final_params(tmp_path / "killed"))
 
@@ -286,3 +295,119 @@ def test_gradient_accumulation_matches_the_full_batch(store, tmp_path):
     # step's update (lr 1e-3 under warm-up): close, not bit-equal.
     assert_trees_close(final_params(tmp_path / "accum1"), final_params(tmp_path / "accum2"),
                        atol=1e-4)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning that counts: masked protocol prediction against the per-field prior, held out
+
+
+def _items(store: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Every item's arrays as stored, and the rows of the training and held-out patients (a
+    quarter of the patients, every item of theirs)."""
+    from pgjax.data.store import open_store
+
+    group = open_store(store).images
+    names = ("pixels", "tokens", "values", "value_mask")
+    arrays = {k: group.array(k).read().result() for k in names}
+    patients = group.table()["patient_key"]
+    held_patients = sorted(set(patients))[::4]
+    held = np.isin(patients, held_patients)
+    return arrays, np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def _prior(arrays, train_rows, held_rows, allowed):
+    """The per-field prior on the held-out items: accuracy of each field's majority token in
+    the training items (over the (item, field) pairs the loss scores), and the squared error of
+    each numeric field's training mean (over the pairs with a value)."""
+    tokens, values = arrays["tokens"], arrays["values"]
+    has_value = arrays["value_mask"].astype(bool)
+    hits, errors = [], []
+    for f in range(tokens.shape[1]):
+        ids, counts = np.unique(tokens[train_rows, f], return_counts=True)
+        majority = ids[np.argmax(counts)]
+        target = tokens[held_rows, f]
+        hits += list(target[allowed[f, target]] == majority)
+        train_values = values[train_rows, f][has_value[train_rows, f]]
+        mean = train_values.mean() if len(train_values) else 0.0
+        errors += list((values[held_rows, f][has_value[held_rows, f]] - mean) ** 2)
+    return float(np.mean(hits)), float(np.mean(errors))
+
+
+MPP_STEPS = 60
+
+
+def masked_protocol_scores(store: Path, steps: int = MPP_STEPS, seed: int = 0) -> dict:
+    """configs/pg.py:tiny with masked protocol prediction alone, `steps` steps of the real
+    train step (one jitted scan) on three quarters of the patients; then the loss's own metrics
+    on the other quarter (8 mask draws), with the image and with it zeroed, and the per-field
+    prior's scores on the same items."""
+    from pgjax.losses.protocol import allowed_targets
+    from pgjax.objectives import build_objective
+    from pgjax.train import train as T
+    from pgjax.train.defaults import only
+    from pgjax.train.mesh import make_mesh
+
+    arrays, train_rows, held_rows = _items(store)
+    config = only(tiny("pg", store, f"total_steps={steps}", f"seed={seed}"), "masked_protocol")
+    info = T.protocol_info(str(store))
+    mesh = make_mesh(devices=jax.devices()[:1])
+    tx, schedule = T.make_optimizer(config.optim, config.total_steps)
+    s = T.Setup(config, mesh, build_objective(config, info, mesh), tx, None, schedule, None)
+    rng = np.random.default_rng(seed)
+    b = config.input.global_batch
+    order = np.stack([rng.choice(train_rows, b, replace=False) for _ in range(steps)])
+    data = {k: jax.numpy.asarray(v) for k, v in arrays.items()}
+
+    def run(order):
+        first = T.prepare_batch({k: v[order[0]] for k, v in data.items()})
+        state = T.init_state(s, jax.random.key(seed), first)
+
+        def step(state, rows):
+            state, metrics = T.train_step(s, state, {k: v[rows] for k, v in data.items()})
+            return state, metrics["loss"]
+
+        return jax.lax.scan(step, state, order)
+
+    state, curve = jax.jit(run)(order)
+    assert np.all(np.isfinite(curve))
+
+    # Evaluation: the same objective without augmentation, on the held-out items.
+    eval_config = config.copy_and_resolve_references()
+    eval_config.augment = {"preset": "none"}
+    evaluate = build_objective(eval_config, info, None)
+    variables = {"params": state["params"], **state["model_state"]}
+    held = T.prepare_batch({k: v[held_rows] for k, v in arrays.items()})
+    blind = dict(held, image=jax.numpy.zeros_like(held["image"]))
+
+    @jax.jit
+    def metrics(batch, key):
+        m = evaluate.loss(variables, batch, key)[1]
+        return m["mpp_accuracy"], m["mpp_mse"]
+
+    keys = [jax.random.key(100 + k) for k in range(8)]
+    accuracy, mse = np.mean([metrics(held, k) for k in keys], axis=0)
+    blind_accuracy, blind_mse = np.mean([metrics(blind, k) for k in keys], axis=0)
+    allowed = allowed_targets(info.field_ranges, info.vocab_size)
+    prior_accuracy, prior_mse = _prior(arrays, train_rows, held_rows, allowed)
+    return {
+        "accuracy": float(accuracy), "mse": float(mse),
+        "blind_accuracy": float(blind_accuracy), "blind_mse": float(blind_mse),
+        "prior_accuracy": prior_accuracy, "prior_mse": prior_mse,
+    }  # fmt: skip
+
+
+def test_masked_protocol_prediction_beats_the_prior_on_held_out_items(store):
+    """Masked protocol prediction learns what the per-field prior cannot: after MPP_STEPS
+    steps, on held-out patients, its accuracy on the hidden fields is above the majority
+    token's and its numeric error below the training mean's. Measured with seeds 0-3 (the
+    test runs seed 0; a rerun gives the same numbers): accuracy 0.77-0.92 against the prior's
+    0.64, mse 0.13-0.14 against 0.62; asserted with margins below the smallest measured.
+
+    Zeroing the image is measured, not asserted: in this store the image tells only CT from
+    MR, which the visible fields (kVp, TR, ...) already tell. With seeds 0-3 the accuracy
+    without the image moved by -0.02 to +0.005 and the mse rose by 0.003-0.11, from an
+    out-of-distribution input more than from lost information: no reliable margin."""
+    scores = masked_protocol_scores(store)
+    print(scores)
+    assert scores["accuracy"] > scores["prior_accuracy"] + 0.08, scores
+    assert scores["mse"] < 0.5 * scores["prior_mse"], scores

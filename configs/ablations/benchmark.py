@@ -55,7 +55,9 @@ def get_config(arg: str = ""):
     c.reference = "pg"
     c.random_init = True
     c.steps = 300
-    c.overrides = ()
+    # Registered and run when every config's augmentation was the resized crop ("light"); the
+    # default is now native-scale crops, so the registered benchmark pins what it ran with.
+    c.overrides = ("augment.preset=light",)
     c.rows = tuple(
         dict(name=n, config=cfg, overrides=o, reference=ref) for n, cfg, o, ref in ROWS
     )

@@ -25,5 +25,8 @@ def get_config(arg: str = ""):
     c.label_fractions = (0.1, 0.2, 1.0)
     c.seeds = (0, 1, 2)
     c.steps = 300
+    # The augmentation it was run with (then every config's default; now configs/
+    # pg_resized_crop.py's).
+    c.overrides = ("augment.preset=light",)
     c.rows = tuple(dict(r, config=r["config"].replace(":cpu", ":tiny")) for r in c.rows)
     return c

@@ -47,14 +47,25 @@ AxisName = str | tuple[str, ...]
 MASKED_LOGIT = -1e30
 
 
+# The similarity products at full float32 precision. By default XLA runs a float32 matmul in
+# one bf16 pass on TPU (TF32 on recent GPUs): a cosine off by ~1e-3 becomes a logit off by ~0.1
+# at scale 100, far above the 1e-5 the CPU tests hold the sharded losses to. The blocks are
+# [b, b] x D, a negligible share of a step, so exactness costs nothing that matters.
+PRECISION = lax.Precision.HIGHEST
+
+
 def _logits(x: jax.Array, y: jax.Array, scale: jax.Array) -> jax.Array:
     """scale * x @ y.T in float32 (bf16 embeddings still accumulate softmax stats in f32)."""
-    return scale * jnp.einsum("id,jd->ij", x, y, preferred_element_type=jnp.float32)
+    return scale * jnp.einsum(
+        "id,jd->ij", x, y, preferred_element_type=jnp.float32, precision=PRECISION
+    )
 
 
 def _paired(x: jax.Array, y: jax.Array, scale: jax.Array) -> jax.Array:
     """scale * <x_i, y_i> per row: the positive logits, [b]."""
-    return scale * jnp.einsum("id,id->i", x, y, preferred_element_type=jnp.float32)
+    return scale * jnp.einsum(
+        "id,id->i", x, y, preferred_element_type=jnp.float32, precision=PRECISION
+    )
 
 
 def _scale(log_scale) -> jax.Array:

@@ -58,7 +58,8 @@ def nt_xent_loss(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
     """
     n = z1.shape[0]
     z = _l2_normalize(jnp.concatenate([z1, z2]))
-    logits = (z @ z.T) / temperature
+    # Full float32, as the ring version's blocks (contrastive.PRECISION).
+    logits = jnp.matmul(z, z.T, precision=lax.Precision.HIGHEST) / temperature
     logits = jnp.where(jnp.eye(2 * n, dtype=bool), MASKED_LOGIT, logits)
     pos = jnp.concatenate([jnp.diagonal(logits, n), jnp.diagonal(logits, -n)])
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos)

@@ -6,8 +6,6 @@ here); SigLIP adds a learnable bias initialised at -10."""
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 
 from pgjax.losses import contrastive as closs
@@ -50,7 +48,7 @@ class Contrastive(Term):
         protocol = run("protocol_encoder", batch["tokens"], batch["values"], batch["value_mask"])
         txt = run("protocol_proj", protocol["pooled"])
         p = run.params["contrastive"]
-        log_scale = jnp.minimum(p["log_scale"], math.log(c["max_scale"]))
+        log_scale = p["log_scale"]  # clamped to max_scale after each update (train.py)
         bias = p.get("bias")
         if self.ctx.mesh is None:
             if c["kind"] == "clip":

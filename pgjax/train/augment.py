@@ -5,6 +5,10 @@
 (`vmap` over the batch, one key per item, so the result does not depend on how the batch is
 sharded). Operations, in this order, each skipped at trace time when its strength is zero:
 
+  native-scale crop     a random shift by a whole number of pixels, up to `shift` of each side
+                        (torchvision's RandomCrop with `padding`: pad by that much with zeros,
+                        crop the original size back). No resampling: every pixel keeps its
+                        value, so pixel size and noise texture are the scanner's.
   random resized crop   a crop of `crop_scale` of the area and `crop_ratio` aspect (w/h,
                         log-uniform), resized back to the full size by bilinear interpolation
                         (torchvision's RandomResizedCrop, without its retry loop: a side longer
@@ -19,7 +23,7 @@ sharded). Operations, in this order, each skipped at trace time when its strengt
   gaussian blur         with probability `blur_prob`, sigma ~ U(blur_sigma) in pixels
   gaussian noise        additive, std ~ U(0, noise) per item
 
-Geometry (crop, flip, blur) acts in-plane, on H and W only: a volume's slices are all cropped
+Geometry (crops, flip, blur) acts in-plane, on H and W only: a volume's slices are all cropped
 alike and the slice axis, often much coarser, is left alone. The output is clipped to [0, 1].
 
 Config: `AugmentConfig.from_config(d)` reads a dict or ConfigDict `d` whose optional "preset"
@@ -27,9 +31,14 @@ key names one of PRESETS ("none" by default) and whose other keys, the AugmentCo
 below, override the preset's values. PRESETS:
 
   none    identity.
-  light   geometry only: crops of 50-100% of the area. No intensity changes: for protocol
-          objectives the intensities, contrast and noise texture *are* the signal (kernel, kVp,
-          field strength), and jittering them would teach the encoder to ignore it.
+  native  the default of every config (pgjax/train/defaults.py): native-scale crops, shifts
+          of up to 1/8 of each side (ours; 4 of 32 pixels in the CIFAR recipe). Nothing else:
+          for protocol objectives the pixel size, intensities, contrast and noise texture *are*
+          the signal (kernel, kVp, field strength, reconstruction field of view), and changing
+          them would teach the encoder to ignore it.
+  light   resized crops of 50-100% of the area, aspect 3/4-4/3, bilinear: magnifies by up to
+          1.41x, which changes the apparent pixel size and smooths the noise texture. The
+          default before `native`; kept for the ablation configs/pg_resized_crop.py.
   simclr  Chen et al. 2020's ImageNet recipe, less what needs colour or flips: crops of 8-100%
           of the area with aspect 3/4-4/3, brightness and contrast jitter of 0.8 with p 0.8
           (colour-jitter strength 1; saturation, hue and random greyscale do not apply to one
@@ -50,7 +59,8 @@ import jax.numpy as jnp
 class AugmentConfig:
     """Augmentation strengths; zero (or a (1, 1) range) switches an operation off.
 
-    crop_scale: (min, max) fraction of the image area kept by the random crop.
+    shift: native-scale crop: largest shift, as a fraction of each in-plane side.
+    crop_scale: (min, max) fraction of the image area kept by the random resized crop.
     crop_ratio: (min, max) aspect ratio (width / height) of the crop, sampled log-uniformly.
     hflip: probability of a horizontal flip.
     jitter_prob: probability that an item gets the intensity jitter (SimCLR: 0.8).
@@ -60,6 +70,7 @@ class AugmentConfig:
     blur_prob: probability of a gaussian blur; blur_sigma: (min, max) sigma in pixels.
     """
 
+    shift: float = 0.0
     crop_scale: tuple[float, float] = (1.0, 1.0)
     crop_ratio: tuple[float, float] = (1.0, 1.0)
     hflip: float = 0.0
@@ -86,6 +97,8 @@ class AugmentConfig:
         for name in ("brightness", "contrast", "gamma", "noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"augment {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.shift < 1:
+            raise ValueError(f"augment shift must be in [0, 1) of the side, got {self.shift}")
 
     @property
     def crops(self) -> bool:
@@ -97,9 +110,8 @@ class AugmentConfig:
 
     @property
     def is_identity(self) -> bool:
-        return not (
-            self.crops or self.hflip > 0 or self.jitters or self.blur_prob > 0 or self.noise > 0
-        )
+        geometry = self.shift > 0 or self.crops or self.hflip > 0
+        return not (geometry or self.jitters or self.blur_prob > 0 or self.noise > 0)
 
     @classmethod
     def from_config(cls, cfg=None) -> AugmentConfig:
@@ -120,6 +132,7 @@ class AugmentConfig:
 
 PRESETS: dict[str, AugmentConfig] = {
     "none": AugmentConfig(),
+    "native": AugmentConfig(shift=0.125),
     "light": AugmentConfig(crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3)),
     "simclr": AugmentConfig(
         crop_scale=(0.08, 1.0),
@@ -153,6 +166,9 @@ def augment(rng: jax.Array, images: jax.Array, cfg=None) -> jax.Array:
 def _augment_one(key: jax.Array, x: jax.Array, cfg: AugmentConfig) -> jax.Array:
     """One item [*spatial, C] (float32); H and W are the axes -3 and -2."""
     k_crop, k_flip, k_jitter, k_blur, k_noise = jax.random.split(key, 5)
+    if cfg.shift > 0:
+        # Its own key by fold_in: the other operations keep the draws they had before it.
+        x = random_shift(jax.random.fold_in(key, 5), x, cfg.shift)
     if cfg.crops:
         x = random_resized_crop(k_crop, x, cfg.crop_scale, cfg.crop_ratio)
     if cfg.hflip > 0:
@@ -173,6 +189,18 @@ def _augment_one(key: jax.Array, x: jax.Array, cfg: AugmentConfig) -> jax.Array:
         std = jax.random.uniform(k_std, maxval=cfg.noise)
         x = x + std * jax.random.normal(k_eps, x.shape)
     return jnp.clip(x, 0.0, 1.0)
+
+
+def random_shift(key: jax.Array, x: jax.Array, fraction: float) -> jax.Array:
+    """One item [*spatial, C] shifted in-plane by whole pixels, uniform in [-m, m] per axis
+    with m = round(fraction * side); what leaves the frame is cut, what enters is 0."""
+    margins = [round(fraction * n) for n in x.shape[-3:-1]]
+    pad = [(0, 0)] * x.ndim
+    pad[-3], pad[-2] = ((m, m) for m in margins)
+    starts = [jnp.zeros((), jnp.int32)] * x.ndim
+    for axis, m, k in zip((-3, -2), margins, jax.random.split(key), strict=True):
+        starts[axis] = jax.random.randint(k, (), 0, 2 * m + 1)
+    return jax.lax.dynamic_slice(jnp.pad(x, pad), starts, x.shape)
 
 
 def random_resized_crop(

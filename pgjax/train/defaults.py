@@ -56,10 +56,12 @@ def base_config() -> ml_collections.ConfigDict:
         # A central hole of half the image side, as in Pathak et al. 2016 and Hu et al. 2020.
         ce_dcm=dict(weight=0.0, hole=0.5, adv_weight=0.001, tags=tuple(DEVICE_FIELDS)),
     )
-    # What every other objective sees: random crops only (ours). No intensity jitter: intensity
-    # and noise texture carry kVp, kernel and field strength, the signal the protocol objectives
-    # learn from; no flips: left and right are anatomy.
-    c.augment = dict(preset="light")
+    # What every other objective sees: random crops at native scale only (ours): shifts by whole
+    # pixels, no resampling. Pixel size, intensity and noise texture carry kernel, kVp and field
+    # strength, the signal the protocol objectives learn from, so no resizing and no intensity
+    # jitter (configs/pg_resized_crop.py is the ablation with resized crops); no flips: left and
+    # right are anatomy.
+    c.augment = dict(preset="native")
     c.optim = dict(
         lr=1e-3,  # peak, for global batch 256 (ours; scale linearly with the batch)
         warmup_steps=1000,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import time
 from pathlib import Path
 
@@ -29,6 +31,12 @@ from pgjax.train import checkpoint as ckpt
 from pgjax.train import init_from
 from pgjax.train import mesh as mesh_lib
 from pgjax.train.input_pipeline import InputConfig, make_iterator, to_global
+
+log = logging.getLogger(__name__)
+
+# Terms whose negatives are the other items of the batch. Under gradient accumulation each
+# micro-batch is a batch of its own: fewer negatives, a different (easier) objective.
+IN_BATCH_NEGATIVE_TERMS = ("contrastive", "simclr")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -117,7 +125,29 @@ class Setup:
     input_cfg: InputConfig
 
 
+def accumulation_warnings(config) -> list[str]:
+    """What gradient accumulation changes in this config's objective, one line per term."""
+    n = int(config.optim.get("accum_steps", 1))
+    if n <= 1:
+        return []
+    out = []
+    for name in IN_BATCH_NEGATIVE_TERMS:
+        section = config.objectives.get(name) or {}
+        if section.get("weight", 0) > 0:
+            micro = config.input.global_batch // n
+            out.append(
+                f"optim.accum_steps={n} with objectives.{name}.weight > 0: each of the {n} "
+                f"micro-batches is its own contrastive batch ({micro} items, {micro - 1} "
+                f"negatives each instead of {config.input.global_batch - 1}), so the "
+                f"{name} objective is not the one of input.global_batch="
+                f"{config.input.global_batch}. Set optim.accum_steps=1 to keep it."
+            )
+    return out
+
+
 def setup(config) -> Setup:
+    for warning in accumulation_warnings(config):
+        log.warning(warning)
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
     objective = build_objective(config, protocol_info(config.input.store), mesh)
     tx, schedule = make_optimizer(config.optim, config.total_steps)
@@ -137,6 +167,7 @@ def _split_disc(params):
 def init_state(s: Setup, rng, example_batch) -> dict:
     variables = s.objective.init(rng, example_batch)
     params = variables["params"]
+    params = constrain_params(s, params)  # e.g. an init_scale above max_scale
     model_params, disc_params = _split_disc(params)
     state = {
         "step": jnp.zeros((), jnp.int32),
@@ -172,6 +203,19 @@ def create_state(s: Setup, example_batch, shardings) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # 3. The train step.
+
+
+def constrain_params(s: Setup, params: dict) -> dict:
+    """Parameter constraints, applied after every update: the contrastive temperature t =
+    exp(log_scale) is clamped to objectives.contrastive.max_scale, as CLIP does. A cap inside
+    the loss (min(log_scale, cap)) has gradient 0 above the cap, and scalars get no weight
+    decay, so a parameter that passed it would never come back."""
+    term = s.objective.terms.get("contrastive")
+    if term is None or "contrastive" not in params:
+        return params
+    p = params["contrastive"]
+    cap = jnp.asarray(math.log(term.settings["max_scale"]), p["log_scale"].dtype)
+    return {**params, "contrastive": {**p, "log_scale": jnp.minimum(p["log_scale"], cap)}}
 
 
 def _micro_batches(batch: dict, n: int, mesh) -> dict:
@@ -226,7 +270,7 @@ def train_step(s: Setup, state: dict, raw_batch: dict) -> tuple[dict, dict]:
     model_params, disc_params = _split_disc(params)
     grads, disc_grads = _split_disc(grads)
     updates, opt_state = s.tx.update(grads, state["opt_state"], model_params)
-    new_params = optax.apply_updates(model_params, updates)
+    new_params = constrain_params(s, optax.apply_updates(model_params, updates))
     if disc_params is not None:
         d_updates, new_disc_opt = s.tx_disc.update(disc_grads, state["disc_opt_state"], disc_params)
         new_params = dict(new_params, disc=optax.apply_updates(disc_params, d_updates))
