@@ -102,3 +102,42 @@ def test_parse_mesh():
     assert bc.parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8}
     with pytest.raises(ValueError, match="expected data=N"):
         bc.parse_mesh("model=2")
+
+
+@pytest.mark.slow  # two train steps compiled for 2 devices: about 40 s of CPU
+def test_compile_report_of_a_config_and_its_table(tmp_path, capsys):
+    """The command end to end on a tiny config, two 2-device meshes: with fsdp=2 each device
+    holds half the parameters and optimizer state (up to the replicated small arrays)."""
+    from pathlib import Path
+
+    from pgjax.bench.report import write_report
+    from pgjax.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    results = tmp_path / "results"
+    argv = ["bench", "compile", "--config", f"{repo}/configs/mae.py:tiny", "--image-size", "32",
+            "--mesh", "data=2", "--mesh", "fsdp=2", "--out", str(results)]  # fmt: skip
+    assert main(argv) == 0
+    (path,) = results.glob("compile-*.json")
+    import json
+
+    record = json.loads(path.read_text())
+    data, fsdp = record["figures"]["runs"]
+    assert data["mesh"] == {"data": 2, "fsdp": 1} and fsdp["mesh"] == {"data": 1, "fsdp": 2}
+    both = [r["params_bytes_per_device"] + r["opt_state_bytes_per_device"] for r in (data, fsdp)]
+    assert 0.5 <= both[1] / both[0] < 0.6, both
+    assert data["params_bytes_total"] == fsdp["params_bytes_total"]
+    assert data["params_bytes_total"] == data["params_bytes_per_device"]
+    # Data parallelism all-reduces the gradients; FSDP gathers parameters and scatters gradients.
+    assert data["collectives"]["all-reduce"]["count"] > 0
+    assert data["collectives"]["all-gather"]["count"] == 0
+    assert fsdp["collectives"]["all-gather"]["count"] > 0
+    for r in (data, fsdp):
+        mem = r["memory_per_device"]
+        assert mem["peak_bytes"] >= mem["temp_bytes"] > 0 and r["flops_per_step"] > 0
+        assert r["forbidden_collectives"] == [] and r["largest_temporaries"][0]["bytes"] > 0
+    report = write_report(results).read_text()
+    assert "## Compiled train step" in report and "| fsdp=2 |" in report
+    assert main(["bench", "compile", "--config", f"{repo}/configs/mae.py:tiny", "--mesh",
+                 "data=16", "--out", str(results)]) == 2  # fmt: skip
+    assert "needs 16 devices, 8 present" in capsys.readouterr().err
