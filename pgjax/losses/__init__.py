@@ -29,6 +29,7 @@ from pgjax.losses.protocol import (
     MISSING,
     PAD,
     UNK,
+    FieldCandidates,
     allowed_targets,
     apply_field_mask,
     field_group,
@@ -40,6 +41,7 @@ from pgjax.losses.protocol import (
 
 __all__ = [
     "DEVICE_FIELDS",
+    "FieldCandidates",
     "MASK",
     "MISSING",
     "PAD",

@@ -110,6 +110,7 @@ from pgjax.models import (
     mae_masking,
     patchify,
 )
+from pgjax.models.heads import FieldTokenHead
 from pgjax.models.layers import LN_EPSILON, Dtype, dense_init
 from pgjax.train.augment import AugmentConfig, augment
 from pgjax.train.mesh import BATCH_AXES
@@ -226,7 +227,8 @@ class ProtocolInfo:
 
 class FieldPredictionHead(nn.Module):
     """DCM head: every protocol field's token logits and numeric value from one pooled image
-    embedding, [B, D] -> {"logits": float32 [B, F, V], "values": float32 [B, F]}.
+    embedding, [B, D] -> {"logits": float32 [B, F, C] (each field's candidates), "values":
+    float32 [B, F]}.
 
     A field-specific projection to `width` (a per-field linear read-out of the image embedding,
     like Hu et al.'s classifier on the encoder's features), GELU and LayerNorm, then token and
@@ -237,6 +239,7 @@ class FieldPredictionHead(nn.Module):
     num_fields: int
     vocab_size: int
     width: int = 256
+    field_ranges: Sequence[tuple[int, int]] = ()  # scored per field: FieldTokenHead
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -248,9 +251,11 @@ class FieldPredictionHead(nn.Module):
         x = nn.LayerNorm(
             epsilon=LN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
         )(x)
-        logits = nn.Dense(self.vocab_size, name="token_head", **dense)(x)
+        logits = FieldTokenHead(
+            self.vocab_size, self.field_ranges, self.dtype, self.param_dtype, name="token_head"
+        )(x)
         values = nn.Dense(1, name="value_head", **dense)(x)[..., 0]
-        return {"logits": logits.astype(jnp.float32), "values": values.astype(jnp.float32)}
+        return {"logits": logits, "values": values.astype(jnp.float32)}
 
 
 class SimCLRProjection(nn.Module):
@@ -392,7 +397,7 @@ class Objective:
             raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, not {dtype_name!r}")
         dtype = _DTYPES[dtype_name]
         self.augment_cfg = AugmentConfig.from_config(config.get("augment"))
-        self.allowed = ploss.allowed_targets(info.field_ranges, info.vocab_size)  # [F, V]
+        self.allowed = ploss.FieldCandidates(info.field_ranges, info.vocab_size)
         self.has_discriminator = "ce_dcm" in self.terms
         # Set below for the terms that need them.
         self.source = self.target = None  # translation: bool [F] field masks
@@ -430,7 +435,9 @@ class Objective:
             parts["protocol_proj"] = ProjectionHead(embed_dim, dtype=dtype)
         if on("masked_protocol") or on("translation"):
             parts["fusion"] = FusionHead(
-                info.vocab_size, **{"dtype": dtype, **_as_dict(model.get("fusion"))}
+                info.vocab_size,
+                info.field_ranges,
+                **{"dtype": dtype, **_as_dict(model.get("fusion"))},
             )
         if on("translation"):
             t = self.terms["translation"]
@@ -467,8 +474,9 @@ class Objective:
             )
         if on("dcm"):
             parts["dcm_head"] = FieldPredictionHead(
-                info.num_fields, info.vocab_size, int(self.terms["dcm"]["width"]), dtype=dtype
-            )
+                info.num_fields, info.vocab_size, int(self.terms["dcm"]["width"]),
+                info.field_ranges, dtype=dtype,
+            )  # fmt: skip
         if on("ce_dcm"):
             c = self.terms["ce_dcm"]
             if not 0 < c["hole"] < 1:
