@@ -43,6 +43,9 @@ def test_accelerator_check_tiny_writes_every_record(tmp_path):
     assert len(pg) == 2 and all("FLOP rate / plain step" in line for line in pg), summary
     assert all("no peak FLOP/s known" in line for line in pg)  # a CPU: no MFU
     assert any(line.startswith("loader, 0 workers") for line in summary)
-    assert "--out DIR is required" in subprocess.run(
-        ["bash", str(REPO / "tools" / "accelerator_check.sh")], capture_output=True, text=True
-    ).stderr
+    assert (
+        "--out DIR is required"
+        in subprocess.run(
+            ["bash", str(REPO / "tools" / "accelerator_check.sh")], capture_output=True, text=True
+        ).stderr
+    )

@@ -39,8 +39,14 @@ def init_params(rng, width, depth, mlp, patch, tokens, embed=512):
         return {"scale": jnp.ones(width), "bias": jnp.zeros(width)}
 
     blocks = [
-        {"norm1": norm(), "qkv": dense(width, 3 * width), "proj": dense(width, width),
-         "norm2": norm(), "fc1": dense(width, mlp), "fc2": dense(mlp, width)}  # fmt: skip
+        {
+            "norm1": norm(),
+            "qkv": dense(width, 3 * width),
+            "proj": dense(width, width),
+            "norm2": norm(),
+            "fc1": dense(width, mlp),
+            "fc2": dense(mlp, width),
+        }  # fmt: skip
         for _ in range(depth)
     ]
     return {
@@ -169,11 +175,17 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "plain_vit_step",
         "time_utc": now.isoformat(timespec="seconds"),
-        "machine": {"python": platform.python_version(), "jax": jax.__version__,
-                    "platform": platform.platform()},  # fmt: skip
+        "machine": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "platform": platform.platform(),
+        },  # fmt: skip
         "settings": {
-            "vit": f"{args.size}/{args.patch}", "dtype": args.dtype, "attention": args.attention,
-            "steps": args.steps, "device_kind": jax.devices()[0].device_kind,
+            "vit": f"{args.size}/{args.patch}",
+            "dtype": args.dtype,
+            "attention": args.attention,
+            "steps": args.steps,
+            "device_kind": jax.devices()[0].device_kind,
             "platform": jax.devices()[0].platform,
         },  # fmt: skip
         "figures": {"runs": runs},

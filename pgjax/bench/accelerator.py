@@ -45,11 +45,17 @@ def summarize(folder: str | Path) -> list[str]:
                 f"{'x'.join(map(str, shape))} batch {run['global_batch']} on {run['devices']} "
                 f"device(s): {run['images_per_s']:.1f} images/s, MFU {_pct(mfu)} (XLA) / "
                 f"{_pct(run.get('mfu_model'))} (model)"
-                + (f" [target {MFU_TARGET:.0%}: {'met' if mfu >= MFU_TARGET else 'NOT met'}]"
-                   if mfu is not None else f" [{note}]")  # fmt: skip
-                + (f"; FLOP rate / plain step {ratio:.2f} [target {RATE_TARGET}: "
-                   f"{'met' if ratio >= RATE_TARGET else 'NOT met'}]"
-                   if ratio is not None else "; no plain step to compare")  # fmt: skip
+                + (
+                    f" [target {MFU_TARGET:.0%}: {'met' if mfu >= MFU_TARGET else 'NOT met'}]"
+                    if mfu is not None
+                    else f" [{note}]"
+                )  # fmt: skip
+                + (
+                    f"; FLOP rate / plain step {ratio:.2f} [target {RATE_TARGET}: "
+                    f"{'met' if ratio >= RATE_TARGET else 'NOT met'}]"
+                    if ratio is not None
+                    else "; no plain step to compare"
+                )  # fmt: skip
             )
     for r in records:
         if r["benchmark"] == "loader":
