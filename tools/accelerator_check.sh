@@ -37,6 +37,9 @@ if [ "$TINY" = 1 ]; then
   # Compiling dominates at this size: LLVM's cheapest settings, one image size, one step.
   export JAX_PLATFORMS=cpu
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  # On a CPU both attention settings compile the same program: compile it once.
+  export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$WORK/jax-cache}"
+  export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
   CONFIG=configs/pg.py:tiny SIZE=32 SECOND="" BATCH=16 STEPS=1 FUSED="" VIT=mu PATCH=8
   DTYPE=float32 SYNTH=(--studies 6 --xr-size 32 --ct-size 32 --ct-slices 4-6 --mr-size 32
     --mr-slices 4-6 --us-size 32 --us-frames 2)
