@@ -80,9 +80,11 @@ def _compile_rows(r: dict) -> list[str]:
     for run in r["figures"]["runs"]:
         mesh = ",".join(f"{k}={v}" for k, v in run["mesh"].items() if v > 1) or "1 device"
         mem = run["memory_per_device"]
+        # In the header's order (records store their keys sorted).
+        kinds = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
         coll = " | ".join(
             f"{c['count']} / {c['bytes'] / 2**20:.1f} MiB" if c["count"] else "0"
-            for c in run["collectives"].values()
+            for c in (run["collectives"][k] for k in kinds)
         )
         temps = run["largest_temporaries"]
         if isinstance(temps, list) and temps:
