@@ -318,6 +318,7 @@ def run_bench(
     from pgjax.train.config_lib import load_config
     from pgjax.train.train import protocol_info
 
+    commit = _commit()  # now: the code this process imported, not what HEAD is when it ends
     config = load_config(config_path, overrides)
     if store:
         info, vocabulary = protocol_info(store), "the store's"
@@ -356,7 +357,7 @@ def run_bench(
         "vocabulary": vocabulary,
         "vocab_size": info.vocab_size,
         "num_fields": info.num_fields,
-        "commit": _commit(),
+        "commit": commit,
         "model": config.model.to_dict(),
     }
     return write_record("compile", {"runs": rows}, settings, out_dir)
