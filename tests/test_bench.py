@@ -112,6 +112,8 @@ def test_train_bench_on_a_store(tmp_path):
     assert str(tmp_path) not in Path(path).read_text()
     assert run["devices"] == 8 and run["steps_per_s"] > 0 and run["flops_per_step"] > 0
     assert run["host_overhead_share"] <= 1 and run["mfu"] is None  # no CPU peak
+    assert run["mfu_model"] is None and "no MFU" in record["settings"]["mfu_note"]
+    assert 0 < run["model_flops_per_step"] < 10 * run["flops_per_step"]
     assert len(run["loop_step_s_per_round"]) == len(run["resident_step_s_per_round"]) == 5
     assert run["input_s_per_batch"] > 0 and run["input_share_of_step"] > 0
     # The image-size sweep: a quarter of the pixels, fewer FLOPs; no store loop at that size.

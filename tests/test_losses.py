@@ -532,3 +532,72 @@ def test_hinge_losses_hand_cases():
     fake = jnp.array([-3.0, 0.0])  # relu(1 + x): 0, 1
     np.testing.assert_allclose(I.hinge_d_loss(real, fake), 2.5 / 3 + 0.5)
     np.testing.assert_allclose(I.hinge_g_loss(fake), 1.5)
+
+
+def test_field_candidates_ids_and_positions():
+    cand = PR.FieldCandidates([(4, 7), (7, 10), (10, 10)], 10)  # the third field's range is empty
+    assert cand.width == 5
+    np.testing.assert_array_equal(cand.ids, [[1, 2, 4, 5, 6], [1, 2, 7, 8, 9], [1, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(cand.valid[2], [1, 1, 0, 0, 0])
+    tokens = np.array([[5, 9, PR.MISSING], [PR.UNK, 4, PR.PAD]])  # 4 is not field 1's
+    pos, known = cand.positions(tokens)
+    np.testing.assert_array_equal(known, [[1, 1, 1], [1, 0, 0]])
+    np.testing.assert_array_equal(np.where(known, pos, -1), [[3, 4, 0], [1, -1, -1]])
+    with pytest.raises(ValueError):
+        PR.FieldCandidates([(2, 5)], 10)  # overlaps the special ids
+
+
+def test_per_field_scoring_gives_the_whole_vocabulary_loss():
+    """The head's per-field logits and the loss on them against the old path: dense logits over
+    the whole vocabulary, each field's softmax restricted to its ids (a reference here)."""
+    from pgjax.models.heads import FieldTokenHead
+
+    ranges, vocab, batch, width = [(4, 9), (9, 12), (12, 12), (12, 30)], 30, 6, 8
+    head = FieldTokenHead(vocab, ranges)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(batch, len(ranges), width)).astype(np.float32)
+    params = head.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + rng.normal(size=p.shape).astype(np.float32), params)
+    kernel, bias = (np.asarray(params["params"][k]) for k in ("kernel", "bias"))
+    tokens = np.stack([rng.integers(a, max(b, a + 1), batch) for a, b in ranges], 1)
+    tokens[:, 2] = PR.MISSING  # the empty field can only be MISSING or UNK
+    tokens[0, 0], tokens[1, 1], tokens[2, 3] = PR.UNK, PR.PAD, 5  # PAD and 5: not scorable
+    predict = rng.random(tokens.shape) < 0.7
+    predict[0, 0] = predict[1, 1] = predict[2, 3] = True
+    numeric = rng.normal(size=tokens.shape).astype(np.float32)
+    value_mask = rng.random(tokens.shape) < 0.5
+    values = rng.normal(size=tokens.shape).astype(np.float32)
+
+    cand = PR.FieldCandidates(ranges, vocab)
+    logits = head.apply(params, x)
+    assert logits.shape == (batch, len(ranges), cand.width)
+    loss, m = PR.masked_protocol_loss(
+        logits, numeric, tokens, values, value_mask, predict, cand, numeric_weight=0.5
+    )
+
+    # Reference: the old path, [B, F, V] logits from the same parameters.
+    full = np.einsum("bfw,wv->bfv", x.astype(np.float64), kernel) + bias
+    ce, hits, n = 0.0, 0, 0
+    for b in range(batch):
+        for f, (start, stop) in enumerate(ranges):
+            ids = [PR.MISSING, PR.UNK, *range(start, stop)]
+            if not predict[b, f] or tokens[b, f] not in ids:
+                continue
+            row = full[b, f, ids]
+            logp = row - np.log(np.sum(np.exp(row - row.max()))) - row.max()
+            ce -= logp[ids.index(tokens[b, f])]
+            hits += ids[int(np.argmax(row))] == tokens[b, f]
+            n += 1
+    has = predict & value_mask
+    mse = np.sum(np.where(has, (numeric - values) ** 2, 0)) / has.sum()
+    assert m["n_targets"] == n
+    np.testing.assert_allclose(m["ce"], ce / n, rtol=1e-5)
+    np.testing.assert_allclose(m["accuracy"], hits / n, rtol=1e-6)
+    np.testing.assert_allclose(loss, ce / n + 0.5 * mse, rtol=1e-5)
+    # And the package's whole-vocabulary path, on the reference logits, agrees too.
+    old, m_old = PR.masked_protocol_loss(
+        full.astype(np.float32), numeric, tokens, values, value_mask, predict,
+        PR.allowed_targets(ranges, vocab), numeric_weight=0.5,
+    )  # fmt: skip
+    np.testing.assert_allclose(loss, old, rtol=1e-5)
+    np.testing.assert_allclose(m["accuracy"], m_old["accuracy"])

@@ -402,10 +402,14 @@ def test_projection_head(hidden_dim):
 def test_fusion_head():
     fields = jnp.repeat(normal(1, (1, F, 48)), 2, axis=0)  # the same protocol twice ...
     image_tokens = normal(2, (2, 16, 64))  # ... with two different images
-    head = FusionHead(vocab_size=V, width=32, depth=2, num_heads=2, mlp_dim=64)
+    ranges = [(4 + 6 * f, 10 + 6 * f) for f in range(F - 1)] + [(34, 40)]  # V = 40
+    head = FusionHead(vocab_size=V, field_ranges=ranges, width=32, depth=2, num_heads=2,
+                      mlp_dim=64)  # fmt: skip
     variables = fake_init(head, fields, image_tokens)
     out, grads = outputs_and_grads(head, variables, fields, image_tokens)
-    assert out["logits"].shape == (2, F, V) and out["logits"].dtype == jnp.float32
+    # Each field scored over its own candidates: MISSING, UNK and its 6 ids.
+    assert out["logits"].shape == (2, F, 8) and out["logits"].dtype == jnp.float32
+    assert variables["params"]["token_head"]["kernel"].shape == (32, V)  # as a dense head
     assert out["values"].shape == (2, F) and out["values"].dtype == jnp.float32
     assert not np.allclose(out["logits"][0], out["logits"][1], atol=1e-4)  # the image matters
     assert_no_dead_params(grads)

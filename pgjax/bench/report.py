@@ -11,7 +11,14 @@ PRE_HEADER = (
 )
 TRAIN_HEADER = (
     "| time (UTC) | machine | config | devices | global batch | image | steps/s | images/s "
-    "| GFLOP/step | MFU | host overhead | input alone / step |"
+    "| GFLOP/step (XLA) | model GFLOP/step | MFU (XLA) | MFU (model) | host overhead "
+    "| input alone / step |"
+)
+COMPILE_HEADER = (
+    "| time (UTC) | commit | config | mesh | global batch | image | TFLOP/step (XLA) "
+    "| peak GiB/device | temporaries GiB | params + optimizer MiB/device | all-gather "
+    "| reduce-scatter | all-reduce | collective-permute | all-to-all | [B, B] or [B, F, V] moved "
+    "| largest temporary |"
 )
 
 EXPORT_HEADER = (
@@ -69,14 +76,49 @@ def _train_rows(r: dict) -> list[str]:
     rows = []
     for run in r["figures"]["runs"]:
         mfu = f"{run['mfu']:.1%}" if run.get("mfu") else "n/a"
+        mfu_model = f"{run['mfu_model']:.1%}" if run.get("mfu_model") else "n/a"
+        model = run.get("model_flops_per_step")  # older records have none
+        model = "n/a" if model is None else f"{model / 1e9:.2f}"
         host, alone = run.get("host_overhead_share"), run.get("input_share_of_step")
         shape = "x".join(map(str, _image_shape(r, run)))
         rows.append(
             f"| {r['time_utc']} | {_machine(r)} | {r['settings']['config']} | "
             f"{run['devices']} | {run['global_batch']} | {shape} | {run['steps_per_s']:.2f} | "
-            f"{run['images_per_s']:.1f} | {run['flops_per_step'] / 1e9:.2f} | {mfu} | "
+            f"{run['images_per_s']:.1f} | {run['flops_per_step'] / 1e9:.2f} | {model} | "
+            f"{mfu} | {mfu_model} | "
             f"{'n/a' if host is None else f'{host:.1%}'} | "
             f"{'n/a' if alone is None else f'{alone:.1%}'} |"
+        )
+    return rows
+
+
+def _compile_rows(r: dict) -> list[str]:
+    rows, s = [], r["settings"]
+    for run in r["figures"]["runs"]:
+        mesh = ",".join(f"{k}={v}" for k, v in run["mesh"].items() if v > 1) or "1 device"
+        mem = run["memory_per_device"]
+        # In the header's order (records store their keys sorted).
+        kinds = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
+        coll = " | ".join(
+            f"{c['count']} / {c['bytes'] / 2**20:.1f} MiB" if c["count"] else "0"
+            for c in (run["collectives"][k] for k in kinds)
+        )
+        temps = run["largest_temporaries"]
+        if isinstance(temps, list) and temps:
+            t = temps[0]
+            where = t["op_name"].split(")/", 1)[-1] or t["instruction"]
+            largest = f"{t['shape']} {t['bytes'] / 2**20:.0f} MiB ({where})"
+        else:
+            largest = "n/a"
+        bad = run["forbidden_collectives"]
+        rows.append(
+            f"| {r['time_utc']} | {s.get('commit') or '?'} | {s['config']} | {mesh} | "
+            f"{run['global_batch']} | {'x'.join(map(str, s['image_shape']))} | "
+            f"{run['flops_per_step'] / 1e12:.2f} | {mem['peak_bytes'] / 2**30:.2f} | "
+            f"{mem['temp_bytes'] / 2**30:.2f} | "
+            f"{(run['params_bytes_per_device'] + run['opt_state_bytes_per_device']) / 2**20:.0f}"
+            f" | {coll} | {'yes: ' + ', '.join(sorted({b['why'] for b in bad})) if bad else 'no'}"
+            f" | {largest} |"
         )
     return rows
 
@@ -152,6 +194,16 @@ def write_report(results_dir: str | Path = "benchmarks/results") -> Path:
                   "upper bound on the overhead when nothing overlaps.", "",
                   TRAIN_HEADER, _rule(TRAIN_HEADER)]  # fmt: skip
         lines += [*train, ""]
+    compiled = [row for r in records if r["benchmark"] == "compile" for row in _compile_rows(r)]
+    if compiled:
+        lines += ["## Compiled train step on a simulated mesh (`pgjax bench compile`)", "",
+                  "The train step compiled by XLA:CPU for 8 simulated devices from abstract "
+                  "inputs (no step runs). Per device: peak = arguments + outputs - donated + "
+                  "temporaries; parameters + optimizer state from their shardings. Collectives: "
+                  "count / bytes (HLO instructions; the larger of operands and results). A GPU "
+                  "compile fuses differently, so its temporaries differ; see pgjax/bench/"
+                  "compile.py.", "",
+                  COMPILE_HEADER, _rule(COMPILE_HEADER), *compiled, ""]  # fmt: skip
     export = [row for r in records if r["benchmark"] == "export" for row in _export_rows(r)]
     if export:
         lines += ["## PyTorch export, CPU inference (`pgjax bench export`)", "", EXPORT_HEADER,

@@ -10,9 +10,12 @@ Measured:
   XLA_FLAGS=--xla_force_host_platform_device_count=8, set before the command starts.
 
 FLOPs come from XLA's cost analysis of the compiled step (per device: the SPMD program one
-device runs); MFU divides them by the step time and the device's peak dense bf16 FLOP/s, where
-the device kind is in PEAK_FLOPS (the CPU has none). XLA counts what it compiles, remat
-recomputation included, so this is closer to hardware than to model FLOPs utilisation.
+device runs); `mfu` divides them by the step time and the device's peak dense bf16 FLOP/s,
+where the device kind is in PEAK_FLOPS (the CPU has none, and an unknown kind gets no MFU).
+XLA counts what it compiles, remat recomputation included, so that figure is closer to hardware
+FLOPs utilisation. `mfu_model` divides the model FLOPs instead (pgjax/bench/flops.py: PaLM's
+6 N + 12 L d T per token for a transformer, counted from the traced loss), which remat cannot
+inflate; both are recorded.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 import jax
 import numpy as np
 
+from pgjax.bench.flops import step_model_flops
 from pgjax.bench.record import write_record
 
 # Peak dense bf16 FLOP/s per device (vendor datasheets).
@@ -84,6 +88,7 @@ def measure_step(config, info, image_shape, devices, steps: int) -> dict:
     batch = {k: jax.device_put(v, sharding) for k, v in raw.items()}
     example = T.prepare_batch(batch)
     abstract, shardings = T.abstract_state(s, example)
+    model_flops = step_model_flops(objective, abstract, example, config.seed)
     state = T.create_state(s, example, shardings)
     t0 = time.perf_counter()
     compiled = T.compile_step(s, shardings).lower(state, batch).compile()
@@ -111,6 +116,8 @@ def measure_step(config, info, image_shape, devices, steps: int) -> dict:
         "flops_per_step_per_device": flops,
         "flops_per_step": flops * len(devices),
         "mfu": flops / step_s / peak if peak and flops else None,
+        "model_flops_per_step": model_flops,
+        "mfu_model": model_flops / step_s / (peak * len(devices)) if peak else None,
         "state": state,
         "compiled": compiled,
         "setup": s,
@@ -219,8 +226,9 @@ def run_bench(
         print(
             f"devices={n} batch={b} image={'x'.join(map(str, shape))}: "
             f"{row['steps_per_s']:.2f} steps/s, {row['images_per_s']:.1f} images/s, "
-            f"{row['flops_per_step'] / 1e9:.1f} GFLOP/step"
-            + (f", MFU {row['mfu']:.1%}" if row["mfu"] else "")
+            f"{row['flops_per_step'] / 1e9:.1f} GFLOP/step (model "
+            f"{row['model_flops_per_step'] / 1e9:.1f})"
+            + (f", MFU {row['mfu']:.1%} (model {row['mfu_model']:.1%})" if row["mfu"] else "")
             + (
                 f", host overhead {row['host_overhead_share']:.1%}"
                 if "host_overhead_share" in row
@@ -237,6 +245,10 @@ def run_bench(
         ],
         "device_kind": devices[0].device_kind,
         "platform": devices[0].platform,
+        "peak_flops_per_device": peak_flops(devices[0]),
+        "mfu_note": None
+        if peak_flops(devices[0])
+        else f"no peak FLOP/s known for device kind {devices[0].device_kind!r}: no MFU",
         "image_shape": image_shape,
         "steps": steps,
         "model": config.model.to_dict(),

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-HELP = "benchmarks (loader, preprocess, train, export, report); records go to benchmarks/results/"
+HELP = (
+    "benchmarks (loader, preprocess, train, compile, export, report); records go to "
+    "benchmarks/results/"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--devices", default="", help="device counts to sweep, e.g. 1,2,4,8")
     tr.add_argument("--image-sizes", default="", help="image sides to sweep, e.g. 64,128,256")
     tr.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
+    co = sub.add_parser(
+        "compile", help="a config's train step compiled for meshes: FLOPs, memory, collectives"
+    )
+    co.add_argument("--config", required=True, help="configs/NAME.py[:VARIANT]")
+    co.add_argument("--mesh", action="append", help="data=N,fsdp=M (repeatable; default: "
+                    "data=8, data=2,fsdp=4 and fsdp=8)")  # fmt: skip
+    co.add_argument("--image-size", type=int, default=256, help="image side in pixels")
+    co.add_argument("--store", help="take the vocabulary from this store (default: a stand-in "
+                    "of the default schema's shape)")  # fmt: skip
+    co.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
     ex = sub.add_parser("export", help="PyTorch CPU inference items/s beside the JAX model's")
     src = ex.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a training workdir (its latest checkpoint)")
@@ -57,9 +71,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rep.add_argument("--results", default="benchmarks/results")
 
 
+def _cpu_devices_for_compile(argv: list[str]) -> None:
+    """`bench compile` simulates an 8-device mesh on a CPU host: XLA reads the device count once,
+    when JAX starts, so it is set here, before anything imports JAX (a count already given in
+    XLA_FLAGS is kept)."""
+    if argv[:1] == ["compile"] and "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+
+
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """`pgjax bench train` and `bench export --config` take --config.KEY=VALUE overrides like
     `pgjax train`."""
+    _cpu_devices_for_compile(argv)
     overrides = [a[len("--config.") :] for a in argv if a.startswith("--config.")]
     return [a for a in argv if not a.startswith("--config.")], overrides
 
@@ -92,6 +117,19 @@ def run(args) -> int:
             device_counts=_ints(args.devices), image_sizes=_ints(args.image_sizes),
             out_dir=args.out,
         )  # fmt: skip
+        print(f"record: {path}")
+    elif args.bench == "compile":
+        from pgjax.bench.compile import DEFAULT_MESHES
+        from pgjax.bench.compile import run_bench as run_compile_bench
+
+        try:
+            path = run_compile_bench(
+                args.config, args.extra, meshes=args.mesh or DEFAULT_MESHES,
+                image_size=args.image_size, store=args.store, out_dir=args.out,
+            )  # fmt: skip
+        except ValueError as e:  # a bad --mesh, or too few devices for it
+            print(f"pgjax bench compile: {e}", file=sys.stderr)
+            return 2
         print(f"record: {path}")
     elif args.bench == "export":
         from pgjax.bench.export import run_bench as run_export_bench

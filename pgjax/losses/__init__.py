@@ -24,6 +24,7 @@ from pgjax.losses.protocol import (
     MISSING,
     PAD,
     UNK,
+    FieldCandidates,
     allowed_targets,
     apply_field_mask,
     field_group,
@@ -34,6 +35,7 @@ from pgjax.losses.protocol import (
 )
 
 __all__ = [
+    "FieldCandidates",
     "MASK",
     "MISSING",
     "PAD",

@@ -7,10 +7,16 @@ predicts, for a field, a distribution over the vocabulary and (for numeric field
 The softmax of a field is restricted to the ids it can legitimately take: its own range plus
 MISSING and UNK. Without the restriction the model would spend capacity learning that a
 Manufacturer is never a kVp bin, and ids of other fields would dilute the cross entropy.
+
+The heads score each field against those candidate ids only (`FieldCandidates`): logits
+[B, F, C], C = 2 + the longest field range, rather than [B, F, V] over the whole vocabulary
+(F times fewer products in the head, and no [B, F, V] array to store or move). The losses take
+either form and give the same values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -43,6 +49,63 @@ def allowed_targets(field_ranges: Sequence[tuple[int, int]], vocab_size: int) ->
     return allowed
 
 
+# The special ids a field may take, in id order (so ties in an argmax resolve as over the
+# whole vocabulary).
+SCORED_SPECIALS = tuple(sorted((MISSING, UNK)))
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldCandidates:
+    """The ids each field is scored over: MISSING and UNK, then its own range, in id order.
+
+    ranges: per field, [start, stop) of its ids (`Vocabulary.field_ranges`); vocab_size: V.
+    Candidate j of field f is `ids[f, j]` where `valid[f, j]`; rows are padded to the longest
+    (C = 2 + the longest range) with PAD, never valid.
+    """
+
+    ranges: tuple[tuple[int, int], ...]
+    vocab_size: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "ranges", tuple((int(a), int(b)) for a, b in self.ranges))
+        allowed_targets(self.ranges, self.vocab_size)  # the same checks of the ranges
+
+    @property
+    def width(self) -> int:
+        return len(SCORED_SPECIALS) + max((b - a for a, b in self.ranges), default=0)
+
+    def field_ids(self, f: int) -> np.ndarray:
+        start, stop = self.ranges[f]
+        return np.concatenate([SCORED_SPECIALS, np.arange(start, stop)]).astype(np.int32)
+
+    @property
+    def ids(self) -> np.ndarray:
+        out = np.full((len(self.ranges), self.width), PAD, np.int32)
+        for f in range(len(self.ranges)):
+            ids = self.field_ids(f)
+            out[f, : len(ids)] = ids
+        return out
+
+    @property
+    def valid(self) -> np.ndarray:
+        n = np.array([len(self.field_ids(f)) for f in range(len(self.ranges))])
+        return np.arange(self.width)[None, :] < n[:, None]
+
+    def positions(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Global ids [B, F] -> (their candidate positions int32 [B, F], bool [B, F]: the id is
+        a candidate of its field; where not, the position is 0 and means nothing)."""
+        tokens = jnp.asarray(tokens)
+        start = jnp.asarray([a for a, _ in self.ranges], tokens.dtype)
+        stop = jnp.asarray([b for _, b in self.ranges], tokens.dtype)
+        in_range = (tokens >= start) & (tokens < stop)
+        pos = jnp.where(in_range, len(SCORED_SPECIALS) + tokens - start, 0)
+        known = in_range
+        for j, special in enumerate(SCORED_SPECIALS):
+            pos = jnp.where(tokens == special, j, pos)
+            known = known | (tokens == special)
+        return pos.astype(jnp.int32), known
+
+
 def field_group(keywords: Sequence[str], names: Sequence[str]) -> np.ndarray:
     """bool [F] mask of the fields named in `names`, F = len(keywords) (schema order)."""
     unknown = sorted(set(names) - set(keywords))
@@ -52,7 +115,8 @@ def field_group(keywords: Sequence[str], names: Sequence[str]) -> np.ndarray:
 
 
 def restricted_log_softmax(logits: jax.Array, allowed) -> jax.Array:
-    """log_softmax of [B, F, V] logits with each field limited to its allowed ids (bool [F, V]).
+    """log_softmax of [B, F, V] logits with each field limited to its allowed ids (bool [F, V];
+    or of [B, F, C] candidate logits limited to the valid ones, `FieldCandidates.valid`).
 
     Ids outside a field's set get probability exactly 0 (their log-probability is about -1e30,
     finite so that nothing downstream turns into NaN). Computed in float32.
@@ -112,11 +176,13 @@ def masked_protocol_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cross entropy on the predicted fields' tokens plus MSE on their numeric values.
 
-    logits [B, F, V]: the model's token logits. numeric_pred [B, F]: its value predictions.
+    logits: the model's token logits, [B, F, C] over each field's candidates when `allowed` is
+    a `FieldCandidates` (what the heads give), or [B, F, V] over the whole vocabulary when it is
+    the bool [F, V] of `allowed_targets`. numeric_pred [B, F]: its value predictions.
     tokens [B, F] int: the true ids. values [B, F]: true normalised values (may be NaN where
     value_mask is false). value_mask [B, F] bool or 0/1: the field has a numeric value.
     predict_mask [B, F] bool: the fields hidden from the model and to be predicted.
-    allowed [F, V] bool: `allowed_targets`.
+    allowed: `FieldCandidates`, or bool [F, V] from `allowed_targets`.
     axis_name: inside shard_map, the batch axis (or axes) to average over globally.
 
     The cross entropy (each field's softmax restricted to its allowed ids) is averaged over
@@ -126,14 +192,18 @@ def masked_protocol_loss(
     metrics: loss, ce, mse, accuracy (argmax over the allowed ids, on the scored fields),
     n_targets).
     """
-    allowed = jnp.asarray(allowed, bool)
     predict_mask = jnp.asarray(predict_mask, bool)
-    logp = restricted_log_softmax(logits, allowed)
-    target_logp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-    field = jnp.arange(tokens.shape[-1])
-    scored = predict_mask & allowed[field, tokens]
+    if isinstance(allowed, FieldCandidates):
+        logp = restricted_log_softmax(logits, allowed.valid)
+        targets, known = allowed.positions(tokens)
+    else:
+        allowed = jnp.asarray(allowed, bool)
+        logp = restricted_log_softmax(logits, allowed)
+        targets, known = tokens, allowed[jnp.arange(tokens.shape[-1]), tokens]
+    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    scored = predict_mask & known
     ce = masked_mean(-target_logp, scored, axis_name)
-    accuracy = masked_mean(jnp.argmax(logp, axis=-1) == tokens, scored, axis_name)
+    accuracy = masked_mean(jnp.argmax(logp, axis=-1) == targets, scored, axis_name)
 
     has_value = predict_mask & jnp.asarray(value_mask, bool)
     # Zero the targets where there is no value first: a NaN there would turn the gradient of the

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pgjax.losses.protocol import FieldCandidates
 from pgjax.models.layers import (
     LN_EPSILON,
     Attention,
@@ -63,6 +64,47 @@ class ProjectionHead(nn.Module):
         if self.normalize:
             x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         return x
+
+
+class FieldTokenHead(nn.Module):
+    """Token logits of each field over its own candidate ids (MISSING, UNK, its id range; see
+    `pgjax.losses.protocol.FieldCandidates`): [B, F, W] -> float32 [B, F, C].
+
+    The parameters are those of `nn.Dense(vocab_size)` (kernel [W, V], bias [V]), so a field's
+    logit for an id is the one a dense head over the whole vocabulary would give; only the
+    columns of a field's candidates are multiplied with that field's states: F times fewer
+    products than [B, F, V] logits, and no [B, F, V] array. Padding candidates get logit 0 (the
+    losses leave them out).
+    """
+
+    vocab_size: int
+    field_ranges: Sequence[tuple[int, int]]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        candidates = FieldCandidates(tuple(self.field_ranges), self.vocab_size)
+        if x.shape[-2] != len(candidates.ranges):
+            raise ValueError(
+                f"{x.shape[-2]} field states for {len(candidates.ranges)} field ranges"
+            )
+        kernel = self.param("kernel", dense_init, (x.shape[-1], self.vocab_size), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.vocab_size,), self.param_dtype)
+        kernel, bias, x = kernel.astype(self.dtype), bias.astype(self.dtype), x.astype(self.dtype)
+        special = jnp.asarray(candidates.field_ids(0)[:2])  # the same for every field
+        out = []
+        for f, (start, stop) in enumerate(candidates.ranges):
+            # Contiguous slices, not a gather: the specials, then the field's own range.
+            k = jnp.concatenate([kernel[:, special], kernel[:, start:stop]], axis=1)
+            b = jnp.concatenate([bias[special], bias[start:stop]])
+            logits = x[..., f, :] @ k + b
+            out.append(
+                jnp.pad(
+                    logits, [(0, 0)] * (x.ndim - 2) + [(0, candidates.width - logits.shape[-1])]
+                )
+            )
+        return jnp.stack(out, axis=-2).astype(jnp.float32)
 
 
 class FusionBlock(nn.Module):
@@ -112,14 +154,16 @@ class FusionHead(nn.Module):
     (`field_proj`, `image_proj`), so any encoder widths can be combined.
 
     Attributes:
-      vocab_size: V; logits are over the whole global vocabulary (the loss restricts each field
-        to its own id range).
+      vocab_size: V, the size of the global vocabulary.
+      field_ranges: per field, its [start, stop) of global ids: each field is scored over its
+        own candidates only (`FieldTokenHead`).
       width, depth, num_heads, mlp_dim: fusion transformer sizes. Defaults (256, 2, 4, 1024) are
         ours: a light head, so that the encoders, not the head, must carry the information.
       dropout, gelu_approximate, attention_impl, dtype, param_dtype: as in the encoders.
     """
 
     vocab_size: int
+    field_ranges: Sequence[tuple[int, int]]
     width: int = 256
     depth: int = 2
     num_heads: int = 4
@@ -132,7 +176,8 @@ class FusionHead(nn.Module):
 
     @nn.compact
     def __call__(self, fields, image_tokens, *, train: bool = False):
-        """fields: [B, F, Wp]; image_tokens: [B, T, Wi]. Returns {"logits": float32 [B, F, V],
+        """fields: [B, F, Wp]; image_tokens: [B, T, Wi]. Returns {"logits": float32 [B, F, C]
+        (each field's candidates, `FieldCandidates`),
         "values": float32 [B, F] (predicted z-scored numeric value)}."""
         dense = functools.partial(
             nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init
@@ -153,14 +198,17 @@ class FusionHead(nn.Module):
         x = nn.LayerNorm(
             epsilon=LN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
         )(x)
-        logits = dense(self.vocab_size, name="token_head")(x)
+        logits = FieldTokenHead(
+            self.vocab_size, self.field_ranges, self.dtype, self.param_dtype, name="token_head"
+        )(x)
         values = dense(1, name="value_head")(x)[..., 0]
-        return {"logits": logits.astype(jnp.float32), "values": values.astype(jnp.float32)}
+        return {"logits": logits, "values": values.astype(jnp.float32)}
 
 
 class FieldPredictionHead(nn.Module):
     """DCM head: every protocol field's token logits and numeric value from one pooled image
-    embedding, [B, D] -> {"logits": float32 [B, F, V], "values": float32 [B, F]}.
+    embedding, [B, D] -> {"logits": float32 [B, F, C] (each field's candidates), "values":
+    float32 [B, F]}.
 
     A field-specific projection to `width` (a per-field linear read-out of the image embedding,
     like Hu et al.'s classifier on the encoder's features), GELU and LayerNorm, then token and
@@ -171,6 +219,7 @@ class FieldPredictionHead(nn.Module):
     num_fields: int
     vocab_size: int
     width: int = 256
+    field_ranges: Sequence[tuple[int, int]] = ()  # scored per field: FieldTokenHead
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -182,9 +231,11 @@ class FieldPredictionHead(nn.Module):
         x = nn.LayerNorm(
             epsilon=LN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
         )(x)
-        logits = nn.Dense(self.vocab_size, name="token_head", **dense)(x)
+        logits = FieldTokenHead(
+            self.vocab_size, self.field_ranges, self.dtype, self.param_dtype, name="token_head"
+        )(x)
         values = nn.Dense(1, name="value_head", **dense)(x)[..., 0]
-        return {"logits": logits.astype(jnp.float32), "values": values.astype(jnp.float32)}
+        return {"logits": logits, "values": values.astype(jnp.float32)}
 
 
 class SimCLRProjection(nn.Module):

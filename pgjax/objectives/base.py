@@ -91,15 +91,15 @@ def field_mask(info: ProtocolInfo, names: Sequence[str], what: str) -> np.ndarra
 @dataclasses.dataclass(frozen=True)
 class Context:
     """What a term is built from: the protocol vocabulary, the mesh (None: dense single-device
-    losses), the compute dtype, the model config section, the image encoder and the allowed
-    target ids (`allowed_targets`, bool [F, V])."""
+    losses), the compute dtype, the model config section, the image encoder and each field's
+    candidate target ids (`FieldCandidates`: the heads score a field against its own only)."""
 
     info: ProtocolInfo
     mesh: jax.sharding.Mesh | None
     dtype: object
     model: dict
     image_encoder: nn.Module
-    allowed: np.ndarray
+    allowed: ploss.FieldCandidates
 
     @property
     def batch_axes(self) -> tuple[str, ...]:

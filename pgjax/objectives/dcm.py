@@ -19,7 +19,7 @@ class DCM(Term):
         width = int(self.settings["width"])
         return {
             "dcm_head": FieldPredictionHead(
-                info.num_fields, info.vocab_size, width, dtype=self.ctx.dtype
+                info.num_fields, info.vocab_size, width, info.field_ranges, dtype=self.ctx.dtype
             )
         }
 

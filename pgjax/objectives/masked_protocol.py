@@ -16,7 +16,9 @@ from pgjax.objectives.base import Term
 
 def fusion_head(ctx) -> FusionHead:
     return FusionHead(
-        ctx.info.vocab_size, **{"dtype": ctx.dtype, **dict(ctx.model.get("fusion") or {})}
+        ctx.info.vocab_size,
+        ctx.info.field_ranges,
+        **{"dtype": ctx.dtype, **dict(ctx.model.get("fusion") or {})},
     )
 
 

@@ -113,7 +113,7 @@ class Objective:
             dtype=dtype,
             model=model,
             image_encoder=image_encoder,
-            allowed=ploss.allowed_targets(info.field_ranges, info.vocab_size),  # [F, V]
+            allowed=ploss.FieldCandidates(info.field_ranges, info.vocab_size),
         )
         self.terms: dict[str, Term] = {
             name: TERM_TYPES[name](s, ctx) for name, s in settings.items()

@@ -1,0 +1,51 @@
+"""tools/accelerator_check.sh --tiny: the accelerator check end to end at CPU size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# Two `pgjax bench train` runs of the full PG objective (each compiles its train step), two plain
+# steps, a store and the loader bench: minutes on 2 cores, not seconds.
+@pytest.mark.slow
+def test_accelerator_check_tiny_writes_every_record(tmp_path):
+    out = tmp_path / "records"
+    # One CPU device, as on a host without fake devices (the tests' 8 would multiply compiles).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = subprocess.run(
+        ["bash", str(REPO / "tools" / "accelerator_check.sh"), "--tiny", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "cpu" in (out / "device.txt").read_text()
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    kinds = sorted(r["benchmark"] for r in records)
+    assert kinds == ["loader", "plain_vit_step", "plain_vit_step", "train", "train"], kinds
+    impls = sorted(
+        str(r["settings"]["model"]["image_encoder_kw"]["attention_impl"])
+        for r in records
+        if r["benchmark"] == "train"
+    )
+    assert impls == ["None", "xla"]
+    for r in records:
+        if r["benchmark"] in ("train", "plain_vit_step"):
+            (step,) = r["figures"]["runs"]
+            assert step["global_batch"] == 16 and step["images_per_s"] > 0
+    summary = (out / "summary.txt").read_text().splitlines()
+    pg = [line for line in summary if line.startswith("PG ")]
+    assert len(pg) == 2 and all("FLOP rate / plain step" in line for line in pg), summary
+    assert all("no peak FLOP/s known" in line for line in pg)  # a CPU: no MFU
+    assert any(line.startswith("loader, 0 workers") for line in summary)
+    assert (
+        "--out DIR is required"
+        in subprocess.run(
+            ["bash", str(REPO / "tools" / "accelerator_check.sh")], capture_output=True, text=True
+        ).stderr
+    )
