@@ -746,6 +746,8 @@ def write_seed_table(workdir: Path, comparison: dict, ablation, stem: str = "tab
               "summarised over the instances that remain:", ""]  # fmt: skip
         L += [f"- {name}: {reason}" for name, reason in missing]
         L.append("")
-    L += ["Every number: `comparison.json`; per instance: `eval/report.md` and "
-          "`eval/metrics.json`, all recomputable from `eval/predictions.csv`.", ""]  # fmt: skip
+    suffix = stem.removeprefix("table")  # "_finetune": that pass's own files
+    L += [f"Every number: `comparison{suffix}.json`; per instance: `eval{suffix}/report.md` and "
+          f"`eval{suffix}/metrics.json`, all recomputable from `eval{suffix}/predictions.csv`.",
+          ""]  # fmt: skip
     (workdir / f"{stem}.md").write_text("\n".join(L))
