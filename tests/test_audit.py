@@ -148,6 +148,11 @@ def test_collect_identifiers_forms(identifiers):
     assert not any(len(i.value) < 4 for i in identifiers)
     lowered = [i.value.lower() for i in identifiers]
     assert len(lowered) == len(set(lowered))  # deduplicated
+    # Weak inside arrays: digit strings shorter than 8 (times, short IDs), which grey levels
+    # 48-57 spell by chance; a date (8 digits) stays strong.
+    short = [i for i in identifiers if i.value.isdigit() and len(i.value) < 8]
+    assert any("Time" in i.kind for i in short) and all(i.weak for i in short)
+    assert not next(i for i in identifiers if i.value == STUDY_DATE).weak
 
 
 def test_collect_identifiers_names_a_missing_source(tmp_path):
@@ -181,6 +186,22 @@ def test_matcher_boundary_rules():
     assert found(b"Dr FLORENCE protocol") == ["PatientName (name part)"]
     assert found(b"florenceville") == []  # a weak name part inside a word
     assert found(b"mrs florence nightingale") == ["PatientName"]  # longest match
+
+
+def test_matcher_leaves_digit_runs_inside_hex_keys_alone():
+    """A store's salted keys are 16 hex characters: their digit runs are random, and among
+    thousands of keys one holds some study's 6-digit time by chance (seen in a demo store:
+    "075140" inside "8c075140de3d4d8b"). The same value anywhere else is still a hit."""
+    matcher = IdentifierMatcher([Identifier("AcquisitionTime", "075140"),
+                                 Identifier("StudyDate", STUDY_DATE, embedded=True)])  # fmt: skip
+    found = lambda text: [i.kind for _, _, i in matcher.find(text)]  # noqa: E731
+    assert found(b"row,8c075140de3d4d8b,x") == []
+    assert found(b"k=ab20190315cd0123456789") == []  # a date inside a 24-character key
+    assert found(b"row,075140,x") == ["AcquisitionTime"]
+    assert found(b"time=075140Z") == ["AcquisitionTime"]  # next to letters, not in a key
+    assert found(b"id:d075140e") == ["AcquisitionTime"]  # short hex-looking: 8 < 16
+    assert found(b"8c075140de3d4d8") == ["AcquisitionTime"]  # 15 hex characters
+    assert found(b"0000000000075140") == []  # touches digits (the number rule)
 
 
 # ------------------------------------------------------------------------------------ stores

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weak-ok",
         action="store_true",
-        help="report weak hits without failing: single name components or short values found "
+        help="report weak hits without failing: single name components, short values or digit "
+        "strings shorter than 8 (times, short IDs) found "
         "inside decoded arrays (pixel bytes), where they turn up by chance; a hit in a file "
         "(a token, a table value, a JSON string) always fails",
     )

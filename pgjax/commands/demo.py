@@ -157,7 +157,8 @@ def run(args) -> int:
     print(f"splits: {json.dumps(_split_counts(store))}")
     weak = report.weak_hits_total
     print(f"audit:  {work / 'audit.json'}  ({report.hits_total - weak} identifier hits, {weak} "
-          "weak: single name components, accepted as by `pgjax audit --weak-ok`)")  # fmt: skip
+          "weak: name parts or short values inside pixel arrays, accepted as by `pgjax audit "
+          "--weak-ok`)")  # fmt: skip
     for _, wd in trained:
         curve = [json.loads(line)["loss"] for line in (wd / "metrics.jsonl").open()]
         print(f"train:  {wd}  (loss {curve[0]:.3f} at the first log, {curve[-1]:.3f} at the last)")

@@ -38,6 +38,10 @@ MIN_CHARS = 4  # shorter values hit by chance everywhere
 # In decoded arrays (pixels, token ids, numbers) a value shorter than this, or a single name
 # part, can turn up by chance: such hits are weak. Anywhere else every hit is strong.
 WEAK_IN_ARRAYS_BELOW = 6
+# Digits alone are weak in arrays below this length: grey levels 48-57 are the bytes "0"-"9",
+# so a smooth image holds long digit runs, and a 6-digit time is one of a million strings.
+# A date (8 digits) stays strong.
+WEAK_DIGITS_IN_ARRAYS_BELOW = 8
 BLOCK_BYTES = 8 << 20  # files and arrays are searched in blocks of this size
 
 # Unsalted hashes of these are searched too (naive hashing of IDs and UIDs).
@@ -47,6 +51,12 @@ _DIGITS = frozenset(b"0123456789")
 _DATE = re.compile(r"(1[89]|2[01])\d\d(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])")
 _ALNUM = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _NUMERIC_PATTERN = re.compile(rb"[0-9.]+")
+_HEX = frozenset(b"0123456789abcdef")
+_HEX_LETTERS = frozenset(b"abcdef")
+# A run of at least this many hex characters with a letter among them is a key or digest (the
+# store's salted keys are 16): the digit runs inside it are random, and a 6-digit time or a
+# short ID turns up in them by chance among thousands of keys.
+HEX_KEY_MIN = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +161,8 @@ def collect_identifiers(paths: Iterable[str | Path]) -> list[Identifier]:
             value = value.strip(" \0")
             if len(value) < MIN_CHARS or len({c for c in value.lower() if c.isalnum()}) < 2:
                 continue
-            weak = weak or len(value) < WEAK_IN_ARRAYS_BELOW
+            weak = (weak or len(value) < WEAK_IN_ARRAYS_BELOW
+                    or (value.isdigit() and len(value) < WEAK_DIGITS_IN_ARRAYS_BELOW))  # fmt: skip
             embedded = bool(_DATE.fullmatch(value))
             kinds, first, was_weak, was_embedded = found.get(
                 value.lower(), (set(), value, True, False)
@@ -339,12 +350,26 @@ def _bounded(low: bytes, s: int, e: int, rule: str) -> bool:
     before = s > 0 and (
         low[s - 1] in _DIGITS or (low[s - 1] == 0x2E and s > 1 and low[s - 2] in _DIGITS)
     )
-    if before or rule == "date":
-        return not before
-    after = e < len(low) and (
-        low[e] in _DIGITS or (low[e] == 0x2E and e + 1 < len(low) and low[e + 1] in _DIGITS)
-    )
-    return not after
+    if before:
+        return False
+    if rule != "date":
+        after = e < len(low) and (
+            low[e] in _DIGITS or (low[e] == 0x2E and e + 1 < len(low) and low[e + 1] in _DIGITS)
+        )
+        if after:
+            return False
+    return not _inside_hex_key(low, s, e)
+
+
+def _inside_hex_key(low: bytes, s: int, e: int) -> bool:
+    """Whether low[s:e] lies inside a hex key or digest (HEX_KEY_MIN hex characters or more,
+    at least one a letter)."""
+    i, j = s, e
+    while i > 0 and low[i - 1] in _HEX:
+        i -= 1
+    while j < len(low) and low[j] in _HEX:
+        j += 1
+    return j - i >= HEX_KEY_MIN and any(b in _HEX_LETTERS for b in low[i:j])
 
 
 def _byte_forms(value: str) -> list[bytes]:
