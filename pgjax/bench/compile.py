@@ -221,7 +221,6 @@ def compile_step_report(config, info, image_shape, mesh_sizes: dict, devices=Non
     the figures of one record row."""
     from pgjax.train import mesh as mesh_lib
     from pgjax.train import train as T
-    from pgjax.train.objectives import build_objective
 
     n = mesh_sizes["data"] * mesh_sizes["fsdp"]
     devices = list(jax.devices() if devices is None else devices)
@@ -231,14 +230,7 @@ def compile_step_report(config, info, image_shape, mesh_sizes: dict, devices=Non
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n}, set before JAX starts)"
         )
     mesh = mesh_lib.make_mesh(mesh_sizes["data"], mesh_sizes["fsdp"], devices[:n])
-    objective = build_objective(config, info, mesh)
-    tx, schedule = T.make_optimizer(config.optim, config.total_steps)
-    tx_disc = None
-    if objective.has_discriminator:
-        import optax
-
-        tx_disc = optax.adam(config.optim.disc_lr, b1=0.5)
-    s = T.Setup(config, mesh, objective, tx, tx_disc, schedule, None)
+    s = T.setup_on(config, mesh, info)
     global_batch = config.input.global_batch
     batch = _abstract_batch(config, info, image_shape, global_batch, mesh_lib.batch_sharding(mesh))
     example = jax.eval_shape(T.prepare_batch, batch)

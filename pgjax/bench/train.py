@@ -70,19 +70,12 @@ def _random_batch(config, info, image_shape, batch: int) -> dict:
 
 def measure_step(config, info, image_shape, devices, steps: int) -> dict:
     """Compile and time the train step on a sub-mesh of `devices`, on a resident batch."""
-    from pgjax.objectives import build_objective
     from pgjax.train import mesh as mesh_lib
     from pgjax.train import train as T
 
     mesh = mesh_lib.make_mesh(len(devices) // config.mesh.fsdp, config.mesh.fsdp, devices)
-    objective = build_objective(config, info, mesh)
-    tx, schedule = T.make_optimizer(config.optim, config.total_steps)
-    tx_disc = None
-    if objective.has_discriminator:
-        import optax
-
-        tx_disc = optax.adam(config.optim.disc_lr, b1=0.5)
-    s = T.Setup(config, mesh, objective, tx, tx_disc, schedule, None)
+    s = T.setup_on(config, mesh, info)
+    objective = s.objective
     sharding = mesh_lib.batch_sharding(mesh)
     raw = _random_batch(config, info, image_shape, config.input.global_batch)
     batch = {k: jax.device_put(v, sharding) for k, v in raw.items()}

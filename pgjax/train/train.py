@@ -149,10 +149,16 @@ def setup(config) -> Setup:
     for warning in accumulation_warnings(config):
         log.warning(warning)
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
-    objective = build_objective(config, protocol_info(config.input.store), mesh)
+    return setup_on(config, mesh, protocol_info(config.input.store), input_config(config))
+
+
+def setup_on(config, mesh, info: ProtocolInfo, input_cfg=None) -> Setup:
+    """The objective and optimizers of `config` on a given mesh and vocabulary (the benchmarks
+    build their own mesh and stand-in vocabulary; they read no store)."""
+    objective = build_objective(config, info, mesh)
     tx, schedule = make_optimizer(config.optim, config.total_steps)
     tx_disc = optax.adam(config.optim.disc_lr, b1=0.5) if objective.has_discriminator else None
-    return Setup(config, mesh, objective, tx, tx_disc, schedule, input_config(config))
+    return Setup(config, mesh, objective, tx, tx_disc, schedule, input_cfg)
 
 
 # ---------------------------------------------------------------------------------------------
