@@ -189,8 +189,8 @@ def _save(ds: Dataset, path: Path) -> int:
     return path.stat().st_size
 
 
-def _classic_series(settings, rng, kind, patient, study, series, side, n, spacing, syntax, out):
-    ct = kind == "CT"
+def _phantom_stack(rng, ct: bool, side: int, n: int):
+    """n stored 12-bit slices of a CT (HU, intercept -1024) or MR phantom, and the intercept."""
     values = (
         {"air": -1000, "body": 40, "lung": -850, "bone": 700}
         if ct
@@ -198,6 +198,12 @@ def _classic_series(settings, rng, kind, patient, study, series, side, n, spacin
     )
     intercept = -1024.0 if ct else 0.0
     stack = _stored(_phantom(rng, side, side, n, values, 12.0 if ct else 25.0), intercept, 12)
+    return stack, intercept
+
+
+def _classic_series(settings, rng, kind, patient, study, series, side, n, spacing, syntax, out):
+    ct = kind == "CT"
+    stack, intercept = _phantom_stack(rng, ct, side, n)
     sizes = []
     for k in range(n):
         ds = _base(settings, kind, patient, study, series, k + 1)
@@ -218,13 +224,7 @@ def _classic_series(settings, rng, kind, patient, study, series, side, n, spacin
 
 def _enhanced(settings, rng, kind, patient, study, series, side, n, spacing, syntax, out):
     ct = kind == "EnhancedCT"
-    values = (
-        {"air": -1000, "body": 40, "lung": -850, "bone": 700}
-        if ct
-        else {"air": 0, "body": 600, "lung": 250, "bone": 1100}
-    )
-    intercept = -1024.0 if ct else 0.0
-    stack = _stored(_phantom(rng, side, side, n, values, 12.0 if ct else 25.0), intercept, 12)
+    stack, intercept = _phantom_stack(rng, ct, side, n)
     ds = _base(settings, kind, patient, study, series, 1)
     _pixel_module(ds, side, side, 12)
     ds.NumberOfFrames = n
