@@ -65,6 +65,7 @@ def test_forbidden_shapes_are_flagged_and_others_not():
         {"kind": "all-reduce", "bytes": 0, "shapes": [(32, 31, 900)]},  # [b, F, V]
         {"kind": "all-reduce", "bytes": 0, "shapes": [(32, 256, 768)]},  # tokens: fine
         {"kind": "all-reduce", "bytes": 0, "shapes": [(512, 900)]},  # a kernel: fine
+        {"kind": "all-reduce", "bytes": 0, "shapes": [(256, 32)]},  # [B, F + 1] = [B, B / 8]
     ]
     bad = bc.forbidden_collectives(ops, batch=256, n_devices=8, fields=31, vocab=900)
     assert [b["why"] for b in bad] == ["[B, B]", "[B, B]", "[B, F, V]"]

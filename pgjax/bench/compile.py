@@ -120,13 +120,21 @@ def summarize_collectives(ops: list[dict]) -> dict:
 
 def forbidden_collectives(ops: list[dict], batch: int, n_devices: int, fields: int, vocab: int):
     """Collectives moving a [B, B] array (both dimensions a batch size, size-1 dimensions
-    dropped) or a [b, F, V] one, b the global batch or a device's share of it."""
+    dropped) or a [b, F, V] one, b the global batch or a device's share of it. A [B, b] shape
+    whose b also equals the protocol sequence (F fields, F + 1 with the cls token) is the
+    protocol encoder's [B, F + 1] (as at B = 256 on 8 devices with F = 31), not a similarity
+    matrix: a [B, B] block of a ring is [b, b], and the whole matrix [B, B] or [b, B]."""
     batches = {batch, batch // n_devices}
+    sequence = {fields, fields + 1}
     bad = []
     for op in ops:
         for shape in op["shapes"]:
             dims = tuple(d for d in shape if d != 1)
-            if len(dims) == 2 and set(dims) <= batches:
+            if (
+                len(dims) == 2
+                and set(dims) <= batches
+                and not (dims[0] == batch and dims[1] in sequence and dims[1] != batch)
+            ):
                 bad.append({"kind": op["kind"], "shape": list(shape), "why": "[B, B]"})
             elif len(dims) == 3 and dims[0] in batches and dims[1:] == (fields, vocab):
                 bad.append({"kind": op["kind"], "shape": list(shape), "why": "[B, F, V]"})
