@@ -142,3 +142,17 @@ def test_compile_report_of_a_config_and_its_table(tmp_path, capsys):
     assert main(["bench", "compile", "--config", f"{repo}/configs/mae.py:tiny", "--mesh",
                  "data=16", "--out", str(results)]) == 2  # fmt: skip
     assert "needs 16 devices, 8 present" in capsys.readouterr().err
+
+
+def test_the_stand_in_vocabulary_has_the_default_schema_shape():
+    """Without --store the command scores a stand-in vocabulary: one id range per field of the
+    default schema, contiguous after the special tokens (the records' V = 19,686)."""
+    from pgjax.data.schema import Schema
+
+    info = bc.schema_protocol_info()
+    fields = Schema().fields
+    assert info.keywords == tuple(f.keyword for f in fields)
+    assert info.text_fields == tuple(f.keyword for f in fields if f.freetext)
+    ranges = info.field_ranges
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert ranges[-1][1] == info.vocab_size == 19686

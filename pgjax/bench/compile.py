@@ -194,7 +194,7 @@ def schema_protocol_info(categorical: int = 256, freetext: int = 4096, numeric_b
     record says which was used)."""
     from pgjax.data.schema import Schema
     from pgjax.data.tokenizer import SPECIALS
-    from pgjax.train.objectives import ProtocolInfo
+    from pgjax.objectives import ProtocolInfo
 
     ranges, start = [], len(SPECIALS)
     fields = Schema().fields
@@ -208,8 +208,8 @@ def schema_protocol_info(categorical: int = 256, freetext: int = 4096, numeric_b
         ranges.append((start, start + n))
         start += n
     return ProtocolInfo(
-        keywords=tuple(f.keyword for f in fields), field_ranges=tuple(ranges),
-        field_kinds=tuple(f.kind for f in fields), vocab_size=start,
+        keywords=tuple(f.keyword for f in fields), field_ranges=tuple(ranges), vocab_size=start,
+        text_fields=tuple(f.keyword for f in fields if f.freetext),
     )  # fmt: skip
 
 
