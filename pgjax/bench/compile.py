@@ -100,6 +100,7 @@ def collectives(hlo_text: str) -> list[dict]:
         out.append(
             {
                 "kind": base,
+                "instruction": name,
                 "bytes": max(_nbytes(ins), _nbytes(outs)),
                 "shapes": sorted({s for _, s in ins + outs}),
             }
@@ -118,7 +119,9 @@ def summarize_collectives(ops: list[dict]) -> dict:
     return summary
 
 
-def forbidden_collectives(ops: list[dict], batch: int, n_devices: int, fields: int, vocab: int):
+def forbidden_collectives(
+    ops: list[dict], batch: int, n_devices: int, fields: int, vocab: int, names=None
+):
     """Collectives moving a [B, B] array (both dimensions a batch size, size-1 dimensions
     dropped) or a [b, F, V] one, b the global batch or a device's share of it. A [B, b] shape
     whose b also equals the protocol sequence (F fields, F + 1 with the cls token) is the
@@ -126,6 +129,7 @@ def forbidden_collectives(ops: list[dict], batch: int, n_devices: int, fields: i
     matrix: a [B, B] block of a ring is [b, b], and the whole matrix [B, B] or [b, B]."""
     batches = {batch, batch // n_devices}
     sequence = {fields, fields + 1}
+    names = names or {}
     bad = []
     for op in ops:
         for shape in op["shapes"]:
@@ -135,9 +139,11 @@ def forbidden_collectives(ops: list[dict], batch: int, n_devices: int, fields: i
                 and set(dims) <= batches
                 and not (dims[0] == batch and dims[1] in sequence and dims[1] != batch)
             ):
-                bad.append({"kind": op["kind"], "shape": list(shape), "why": "[B, B]"})
+                bad.append({"kind": op["kind"], "shape": list(shape), "why": "[B, B]",
+                            "op_name": names.get(op.get("instruction"), "")})  # fmt: skip
             elif len(dims) == 3 and dims[0] in batches and dims[1:] == (fields, vocab):
-                bad.append({"kind": op["kind"], "shape": list(shape), "why": "[B, F, V]"})
+                bad.append({"kind": op["kind"], "shape": list(shape), "why": "[B, F, V]",
+                            "op_name": names.get(op.get("instruction"), "")})  # fmt: skip
     return bad
 
 
@@ -274,6 +280,7 @@ def compile_step_report(config, info, image_shape, mesh_sizes: dict, devices=Non
         + memory["temp_bytes"]
     )  # fmt: skip
     ops = collectives(hlo)
+    names = op_names(hlo)
     opt_keys = [k for k in ("opt_state", "disc_opt_state") if k in abstract]
     return {
         "mesh": mesh_sizes,
@@ -293,9 +300,9 @@ def compile_step_report(config, info, image_shape, mesh_sizes: dict, devices=Non
         ),
         "collectives": summarize_collectives(ops),
         "forbidden_collectives": forbidden_collectives(
-            ops, global_batch, n, info.num_fields, info.vocab_size
+            ops, global_batch, n, info.num_fields, info.vocab_size, names
         ),
-        "largest_temporaries": largest_temporaries(assignment, op_names(hlo))
+        "largest_temporaries": largest_temporaries(assignment, names)
         if assignment
         else "not available: XLA wrote no buffer assignment",
     }
