@@ -66,8 +66,12 @@ def test_forbidden_shapes_are_flagged_and_others_not():
         {"kind": "all-reduce", "bytes": 0, "shapes": [(32, 256, 768)]},  # tokens: fine
         {"kind": "all-reduce", "bytes": 0, "shapes": [(512, 900)]},  # a kernel: fine
         {"kind": "all-reduce", "bytes": 0, "shapes": [(256, 32)]},  # [B, F + 1] = [B, B / 8]
+        {"kind": "all-reduce", "bytes": 0, "shapes": [(1, 1, 256, 256)]},  # a 1x1 conv kernel
     ]
-    bad = bc.forbidden_collectives(ops, batch=256, n_devices=8, fields=31, vocab=900)
+    kernels = frozenset({(1, 1, 256, 256)})
+    bad = bc.forbidden_collectives(
+        ops, batch=256, n_devices=8, fields=31, vocab=900, parameter_shapes=kernels
+    )
     assert [b["why"] for b in bad] == ["[B, B]", "[B, B]", "[B, F, V]"]
 
 

@@ -120,19 +120,24 @@ def summarize_collectives(ops: list[dict]) -> dict:
 
 
 def forbidden_collectives(
-    ops: list[dict], batch: int, n_devices: int, fields: int, vocab: int, names=None
+    ops: list[dict], batch: int, n_devices: int, fields: int, vocab: int, names=None,
+    parameter_shapes=frozenset(),
 ):
     """Collectives moving a [B, B] array (both dimensions a batch size, size-1 dimensions
     dropped) or a [b, F, V] one, b the global batch or a device's share of it. A [B, b] shape
     whose b also equals the protocol sequence (F fields, F + 1 with the cls token) is the
     protocol encoder's [B, F + 1] (as at B = 256 on 8 devices with F = 31), not a similarity
-    matrix: a [B, B] block of a ring is [b, b], and the whole matrix [B, B] or [b, B]."""
+    matrix: a [B, B] block of a ring is [b, b], and the whole matrix [B, B] or [b, B]. A shape
+    in `parameter_shapes` (a parameter's, whole or one device's shard) is a parameter or its
+    gradient, such as a 1x1 convolution's [1, 1, 256, 256] kernel at B = 256."""
     batches = {batch, batch // n_devices}
     sequence = {fields, fields + 1}
     names = names or {}
     bad = []
     for op in ops:
         for shape in op["shapes"]:
+            if tuple(shape) in parameter_shapes:
+                continue
             dims = tuple(d for d in shape if d != 1)
             if (
                 len(dims) == 2
@@ -219,6 +224,21 @@ def schema_protocol_info(categorical: int = 256, freetext: int = 4096, numeric_b
     )  # fmt: skip
 
 
+def _parameter_shapes(abstract, shardings) -> frozenset:
+    """Every parameter's shape, whole and as one device's shard (the discriminator's too)."""
+    shapes = set()
+    for key in ("params", "disc_params"):
+        if key not in abstract:
+            continue
+        leaves = jax.tree.leaves(abstract[key])
+        shards = jax.tree.leaves(
+            shardings[key], is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+        )
+        for x, sh in zip(leaves, shards, strict=True):
+            shapes |= {tuple(x.shape), tuple(sh.shard_shape(x.shape))}
+    return frozenset(shapes)
+
+
 def _sharded_bytes(tree, shardings) -> int:
     leaves = jax.tree.leaves(tree)
     shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
@@ -300,7 +320,8 @@ def compile_step_report(config, info, image_shape, mesh_sizes: dict, devices=Non
         ),
         "collectives": summarize_collectives(ops),
         "forbidden_collectives": forbidden_collectives(
-            ops, global_batch, n, info.num_fields, info.vocab_size, names
+            ops, global_batch, n, info.num_fields, info.vocab_size, names,
+            _parameter_shapes(abstract, shardings),
         ),
         "largest_temporaries": largest_temporaries(assignment, names)
         if assignment
