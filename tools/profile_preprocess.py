@@ -42,7 +42,8 @@ COMPONENTS = (
     (pixels, "_decode", "decode (pydicom and the codec)"),
     (pixel_units, "_read", "pixel phase: pydicom file read (the second parse)"),
     (pixels, "size_problem", "pixel phase: size checks"),
-    (pixels, "normalize_series", "normalise (modality LUT, window, percentiles)"),
+    (pixels, "prepare_part", "normalise (modality LUT, window, percentiles)"),
+    (pixels, "normalize_prepared", "normalise (modality LUT, window, percentiles)"),
     (pixels, "_resize", "2D resize (Pillow float bilinear)"),
     (pixels, "quantize", "quantise"),
     (pixel_units, "resample_volume", "volume resampling"),
@@ -71,11 +72,21 @@ def _cpu_per_component(inputs, cfg, tmp: Path) -> tuple[float, collections.Count
 
         return wrapper
 
-    originals = [(m, name, getattr(m, name)) for m, name, _ in COMPONENTS]
+    # A function is patched in every module that imported it by name (pixel_units calls
+    # pixels' functions through its own names), each under its component's label.
+    originals = []
     for module, name, label in COMPONENTS:
-        setattr(module, name, timed(getattr(module, name), label))
+        fn = getattr(module, name)
+        wrapped = timed(fn, label)
+        for holder in (pixels, pixel_units, pp):
+            if getattr(holder, name, None) is fn:
+                originals.append((holder, name, fn))
+                setattr(holder, name, wrapped)
     try:
-        import pgjax.data.plan  # noqa: F401  imports are a cost per process, not per file
+        # Imports are a cost per process, not per file (the pipeline's start-up does these).
+        import tensorstore  # noqa: F401
+
+        import pgjax.data.plan  # noqa: F401
 
         start = time.process_time()
         preprocess(inputs, tmp / "store", cfg=cfg, workers=1, salt_file=tmp / "salt")
