@@ -259,11 +259,13 @@ def run_units(
     own = pool is None
     pool = pool or WorkerPool(workers)
     suspects, crashed, running = [], [], {}
+    # With an order to keep, one unit in flight per worker: one queued in the pool would start
+    # in the order submitted, not in the order of the units free when a worker comes free.
+    # Without, two per worker, so a worker never waits for the next (short) unit to be sent.
+    in_flight = workers if after or cost else 2 * workers
     try:
         while free or running:
-            # Only `workers` units in flight: one queued in the pool would start in the order
-            # submitted, not in the order of the units free when a worker comes free.
-            while free and len(running) < workers:
+            while free and len(running) < in_flight:
                 i = heapq.heappop(free)[1]
                 executor = pool.get()
                 try:
