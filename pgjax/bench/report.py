@@ -7,7 +7,8 @@ from pathlib import Path
 
 PRE_HEADER = (
     "| time (UTC) | machine | inputs | files | MB | workers | pydicom decode-only files/s "
-    "| decode-only MB/s | pipeline files/s | pipeline MB/s | ratio | load avg |"
+    "| decode-only MB/s | pipeline files/s | pipeline MB/s | ratio | ratio after start-up "
+    "| load avg |"
 )
 TRAIN_HEADER = (
     "| time (UTC) | machine | config | devices | global batch | image | steps/s | images/s "
@@ -63,13 +64,14 @@ def _preprocess_rows(r: dict) -> list[str]:
                 f"{key[8:]} | {f['decode_only_files_per_s']:.1f} | "
                 f"{_or_na(f.get('decode_only_mb_per_s'))} | {f['pipeline_files_per_s']:.1f} | "
                 f"{_or_na(f.get('pipeline_mb_per_s'))} | "
-                f"{f['ratio_pipeline_to_decode_only']:.2f} | {load} |"
+                f"{f['ratio_pipeline_to_decode_only']:.2f} | "
+                f"{_or_na(f.get('ratio_after_start'), '.2f')} | {load} |"
             )
     return rows
 
 
-def _or_na(value) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+def _or_na(value, fmt: str = ".1f") -> str:
+    return "n/a" if value is None else format(value, fmt)
 
 
 def _train_rows(r: dict) -> list[str]:

@@ -23,7 +23,9 @@ from pgjax.data.pixels import (
     PixelError,
     decode_frames,
     images_from_frames,
-    normalize_series,
+    images_from_normalized,
+    normalize_prepared,
+    prepare_part,
     preprocess_frames,
     quantize,
 )
@@ -88,6 +90,13 @@ def _series_slices(paths, frames, cfg, images=(), made=None) -> np.ndarray:
         # Frame by frame: the same values as one at a time.
         out = decode_frames(ds, wanted, cfg.max_pixels)
         decoded[p] = (ds, {f: out[j] for j, f in enumerate(wanted)})
+    prepared = {}
+
+    def slice_values(p, f):  # one slice's normalisation up to the series statistics, once
+        if (p, f) not in prepared:
+            prepared[p, f] = prepare_part(decoded[p][1][f][None], decoded[p][0], cfg, [f])
+        return prepared[p, f]
+
     groups = defaultdict(list)
     for row, p, f in images:
         groups[row // cfg.images_per_shard, p].append((row, f))
@@ -95,15 +104,17 @@ def _series_slices(paths, frames, cfg, images=(), made=None) -> np.ndarray:
         ds, pixels = decoded[p]
         wanted = sorted({f for _, f in items})
         try:
-            out = images_from_frames(np.stack([pixels[f] for f in wanted]), ds, wanted, cfg)
+            values = [slice_values(p, f) for f in wanted]
+            if any(needs_scaling for _, needs_scaling, _ in values):  # statistics of the group
+                out = images_from_frames(np.stack([pixels[f] for f in wanted]), ds, wanted, cfg)
+            else:  # final already (CT windows, radiograph VOI): normalised once for both
+                images = np.concatenate([1.0 - v if invert else v for v, _, invert in values])
+                out = images_from_normalized(images, ds, wanted, cfg)
         except Exception:
             continue  # the image unit makes these rows itself and records the reason
         where = {f: k for k, f in enumerate(wanted)}
         made.update((row, out[where[f]]) for row, f in items)
-    parts = [
-        (decoded[p][1][f][None], decoded[p][0], [f]) for p, f in zip(paths, frames, strict=True)
-    ]
-    return normalize_series(parts, cfg)
+    return normalize_prepared([slice_values(p, f) for p, f in zip(paths, frames, strict=True)], cfg)
 
 
 @quiet_pydicom()

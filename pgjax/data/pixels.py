@@ -296,13 +296,27 @@ def normalize_series(
     percentile statistics are pooled over all parts, so slices of a volume share one scale
     instead of each slice being stretched on its own. All frames must have the same size.
     """
-    prepared = []
-    for part in parts:
-        frames, ds = part[0], part[1]
-        indices = part[2] if len(part) > 2 else None
-        frames = _as_frame_stack(frames)
-        values, needs_scaling = _values01_or_raw(frames, ds, cfg, indices)
-        prepared.append((values, needs_scaling, _is_monochrome1(ds) and not _is_ct(ds, frames)))
+    return normalize_prepared(
+        [prepare_part(part[0], part[1], cfg, part[2] if len(part) > 2 else None) for part in parts],
+        cfg,
+    )
+
+
+def prepare_part(
+    frames: np.ndarray, ds: Dataset, cfg: PreprocessConfig, indices: Sequence[int] | None = None
+) -> tuple[np.ndarray, bool, bool]:
+    """One object's share of `normalize_series`: (values, needs_scaling, invert). Values that
+    need no scaling are final (before inversion) and the same frame by frame as for any stack
+    of frames they are part of: every step before the percentiles works value by value."""
+    frames = _as_frame_stack(frames)
+    values, needs_scaling = _values01_or_raw(frames, ds, cfg, indices)
+    return values, needs_scaling, _is_monochrome1(ds) and not _is_ct(ds, frames)
+
+
+def normalize_prepared(
+    prepared: Sequence[tuple[np.ndarray, bool, bool]], cfg: PreprocessConfig
+) -> np.ndarray:
+    """`normalize_series` after `prepare_part` on each part."""
     if not prepared:
         raise ValueError("nothing to normalise")
     raw = [values for values, needs_scaling, _ in prepared if needs_scaling]
@@ -553,7 +567,15 @@ def images_from_frames(
     pixels: np.ndarray, ds: Dataset, frames: Sequence[int] | None, cfg: PreprocessConfig
 ) -> np.ndarray:
     """`preprocess_frames` after decoding: `pixels` are decode_frames(ds, frames)."""
-    images = normalize_frames(pixels, ds, cfg, indices=frames)
+    return images_from_normalized(
+        normalize_frames(pixels, ds, cfg, indices=frames), ds, frames, cfg
+    )
+
+
+def images_from_normalized(
+    images: np.ndarray, ds: Dataset, frames: Sequence[int] | None, cfg: PreprocessConfig
+) -> np.ndarray:
+    """`images_from_frames` after normalising: resize and quantise [F, rows, cols] in [0, 1]."""
     indices = list(range(len(images))) if frames is None else [int(i) for i in frames]
     geometry = frame_geometry(ds)
     out = np.empty((len(images), *cfg.image_size), dtype=cfg.dtype)

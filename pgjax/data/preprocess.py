@@ -21,9 +21,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import hashlib
+import heapq
+import importlib
 import json
+import math
 import multiprocessing
 import os
+import queue
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -45,9 +49,19 @@ from pgjax.data.sites import load_site_names
 from pgjax.data.tokenizer import MISSING
 from pgjax.progress import Progress
 
-# Small enough that a few workers share even a small corpus evenly (a chunk is one process task
-# and one JSON file), large enough that a million files make a few thousand chunk files.
+# A scan chunk is one process task and one JSON file: at most 128 files, so a million files
+# make a few thousand chunk files; fewer in a small corpus, so that it still makes about
+# SCAN_CHUNKS_AT_LEAST chunks for the workers to share (128-file chunks left the 124 files of
+# the clinical preset in one chunk: one worker scanned while the other waited).
 FILES_PER_SCAN_CHUNK = 128
+SCAN_CHUNKS_AT_LEAST = 32
+
+
+def files_per_scan_chunk(n_files: int) -> int:
+    """A function of the file count alone, so every `--shard` of one scan cuts the same chunks."""
+    return max(1, min(FILES_PER_SCAN_CHUNK, math.ceil(n_files / SCAN_CHUNKS_AT_LEAST)))
+
+
 PHASES = ("scan", "plan", "pixels", "finalize")
 
 
@@ -108,21 +122,55 @@ def _ping() -> bool:
     return True
 
 
-class WorkerPool:
-    """Spawned worker processes shared by the phases of one run: started on first use (the
-    imports in each worker cost about a second, a large share of a phase on a small corpus),
-    started again after a worker crash broke it."""
+def _import_modules(modules: Sequence[str], ready) -> None:
+    """Pool initializer: import what the units need, then say so."""
+    for name in modules:
+        importlib.import_module(name)
+    ready.put(os.getpid())
 
-    def __init__(self, workers: int):
+
+# What the units of each phase import: about a second of CPU per process in all (pydicom,
+# its pixel handlers, TensorStore), paid once when the pool starts.
+WORKER_MODULES = {
+    "scan": ("pgjax.data.preprocess",),
+    "pixels": ("pgjax.data.preprocess", "pgjax.data.pixel_units", "tensorstore"),
+}
+
+
+class WorkerPool:
+    """Spawned worker processes shared by the phases of one run: started on first use (or
+    by `get()` up front, so start-up can be timed on its own), started again after a worker
+    crash broke it.
+
+    `modules`: imported in every worker before `get()` returns. Otherwise each worker imports
+    them inside its first unit, which puts a second of start-up into whichever phase that is
+    and makes a phase's time with N workers look like more than its work divided by N.
+    """
+
+    def __init__(self, workers: int, modules: Sequence[str] = ()):
         self.workers = workers
+        self.modules = tuple(modules)
         self._pool = None
 
     def get(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             ctx = multiprocessing.get_context("spawn")
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
+            ready = ctx.Queue()
+            self._pool = cf.ProcessPoolExecutor(
+                self.workers, mp_context=ctx, initializer=_import_modules,
+                initargs=(self.modules, ready),
+            )  # fmt: skip
             try:  # a pool that cannot start is not a bad file: say so instead of blaming the data
-                self._pool.submit(_ping).result()
+                # One ping per worker: each submit to a pool with no idle worker spawns one.
+                for fut in [self._pool.submit(_ping) for _ in range(self.workers)]:
+                    fut.result()
+                started = 0
+                while started < self.workers:  # the pings may all have run in one worker
+                    try:
+                        ready.get(timeout=0.5)
+                        started += 1
+                    except queue.Empty:
+                        self._pool.submit(_ping).result()  # raises if a worker died starting
             except cf.process.BrokenProcessPool as e:
                 self.close()
                 raise RuntimeError(
@@ -136,6 +184,39 @@ class WorkerPool:
             self._pool.shutdown()
             self._pool = None
 
+    def discard(self, executor: cf.ProcessPoolExecutor) -> None:
+        """Close `executor` if it is still this pool's (it broke); the next `get()` starts a
+        new one. An executor already replaced is left to its replacement."""
+        if executor is self._pool:
+            self.close()
+
+
+def _bottom_levels(waits: list[set[int]], cost: list[float]) -> list[float]:
+    """Per unit, its cost plus the costliest chain of units waiting on it: at best, the time
+    from its start to the end of the run. `waits` must have no cycles."""
+    n = len(waits)
+    dependents = [[] for _ in range(n)]
+    for i, w in enumerate(waits):
+        for j in w:
+            dependents[j].append(i)
+    level = [0.0] * n
+    for i in reversed(_topological(waits, dependents)):
+        level[i] = cost[i] + max((level[j] for j in dependents[i]), default=0.0)
+    return level
+
+
+def _topological(waits: list[set[int]], dependents: list[list[int]]) -> list[int]:
+    left = [len(w) for w in waits]
+    order = [i for i, k in enumerate(left) if k == 0]
+    for i in order:  # grows while it is walked
+        for j in dependents[i]:
+            left[j] -= 1
+            if left[j] == 0:
+                order.append(j)
+    if len(order) != len(waits):
+        raise ValueError("run_units: `after` has a cycle")
+    return order
+
 
 def run_units(
     fn: Callable,
@@ -143,44 +224,71 @@ def run_units(
     args: tuple,
     workers: int,
     progress: Progress,
-    then: Sequence = (),
     pool: WorkerPool | None = None,
+    after: Callable | None = None,
+    cost: Callable | None = None,
 ) -> list[tuple[object, str]]:
     """Run fn(unit, *args) for every unit; return (unit, reason) for units that crashed a worker.
 
-    `then`: more units, started once every unit of `units` has finished (same pool).
+    `after(unit)`: the units (of `units`) it must start after; others are taken as done. With
+    1 worker units run in the order given, which must already respect `after`.
+    `cost(unit)`: its estimated work. Among the units free to start, the one with the costliest
+    chain of work ahead of it (its cost plus that of the units waiting on it) starts first, so
+    a long unit neither starts last nor holds back its dependents while other workers idle.
     `pool`: the run's workers (default: a pool of `workers` started and closed here).
     A decoder can crash its process on a hostile file (a segfault is not an exception). When
     the pool breaks, the units that were in flight are re-run one by one in their own process,
-    so one bad file costs its unit, not the run.
+    so one bad file costs its unit, not the run; the others go on in a new pool.
     """
+    units = list(units)
     if workers <= 1:
-        for u in [*units, *then]:
+        for u in units:
             fn(u, *args)
             progress.update()
         return []
+    index = {u: i for i, u in enumerate(units)} if after else {}
+    waits = [{index[d] for d in after(u) if d in index} if after else set() for u in units]
+    level = _bottom_levels(waits, [float(cost(u)) if cost else 0.0 for u in units])
+    dependents = [[] for _ in units]
+    for i, w in enumerate(waits):
+        for j in w:
+            dependents[j].append(i)
+    left = [len(w) for w in waits]
+    free = [(-level[i], i) for i, k in enumerate(left) if k == 0]  # ties keep the order given
+    heapq.heapify(free)
     own = pool is None
     pool = pool or WorkerPool(workers)
-    suspects, crashed, broken = [], [], False
+    suspects, crashed, running = [], [], {}
+    # With an order to keep, one unit in flight per worker: one queued in the pool would start
+    # in the order submitted, not in the order of the units free when a worker comes free.
+    # Without, two per worker, so a worker never waits for the next (short) unit to be sent.
+    in_flight = workers if after or cost else 2 * workers
     try:
-        executor = pool.get()
-        for wave in (units, then):
-            futures = {}
-            for u in wave:
+        while free or running:
+            while free and len(running) < in_flight:
+                i = heapq.heappop(free)[1]
+                executor = pool.get()
                 try:
-                    futures[executor.submit(fn, u, *args)] = u
-                except cf.process.BrokenProcessPool:  # broken by the wave before
-                    suspects.append(u)
-            for fut in cf.as_completed(futures):
+                    running[executor.submit(fn, units[i], *args)] = i, executor
+                except cf.process.BrokenProcessPool:  # broke since the last result came in
+                    pool.discard(executor)
+                    heapq.heappush(free, (-level[i], i))
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                i, executor = running.pop(fut)
                 try:
                     fut.result()
                     progress.update()
                 except cf.process.BrokenProcessPool:
-                    suspects.append(futures[fut])
-                    broken = True
+                    suspects.append(units[i])  # run alone below; its dependents need not wait
+                    pool.discard(executor)  # every unit in flight fails with it
+                for j in dependents[i]:
+                    left[j] -= 1
+                    if left[j] == 0:
+                        heapq.heappush(free, (-level[j], j))
     finally:
-        if own or broken:
-            pool.close()  # a broken pool is started again by the next phase that needs it
+        if own:
+            pool.close()
     ctx = multiprocessing.get_context("spawn")
     for u in suspects:
         with cf.ProcessPoolExecutor(1, mp_context=ctx) as alone:
@@ -217,17 +325,18 @@ def phase_scan(
     if not files:
         raise ValueError(f"no files under {', '.join(map(str, inputs))}")
     listing = [(r, p, *file_state(p)) for r, p in files]
+    per_chunk = files_per_scan_chunk(len(files))
     # The chunk size is part of the digest: chunk files of another size are other files' records.
     # So is SCAN_VERSION: records of an older scan hold what its redaction let through.
     digest = _digest(
         [listing, schema.to_json(), cfg.site_from, sorted((site_names or {}).items()),
-         cfg.max_pixels, FILES_PER_SCAN_CHUNK, SCAN_VERSION]
+         cfg.max_pixels, per_chunk, SCAN_VERSION]
     )  # fmt: skip
     listing_path = ws.scan_dir / "listing.json"
     if listing_path.exists() and json.loads(listing_path.read_text()).get("digest") != digest:
         # Inputs or settings changed: earlier chunks describe other files. Start over.
         shutil.rmtree(ws.scan_dir)
-    n_chunks = (len(files) + FILES_PER_SCAN_CHUNK - 1) // FILES_PER_SCAN_CHUNK
+    n_chunks = (len(files) + per_chunk - 1) // per_chunk
     st.write_json_atomic(listing_path, {"digest": digest, "files": len(files), "chunks": n_chunks})
     todo = [
         c
@@ -235,7 +344,7 @@ def phase_scan(
         if not (ws.scan_dir / f"chunk-{c:06d}.json").exists()
     ]
     progress = Progress(len(todo), "scan", "chunks")
-    jobs = [(c, files[c * FILES_PER_SCAN_CHUNK : (c + 1) * FILES_PER_SCAN_CHUNK]) for c in todo]
+    jobs = [(c, files[c * per_chunk : (c + 1) * per_chunk]) for c in todo]
     args = (schema.to_json(), salt, cfg.site_from, site_names, cfg.max_pixels, str(ws.scan_dir))
     # A crash in header parsing is as possible as in decoding: the chunk's files are listed.
     for (c, chunk_files), reason in run_units(_scan_unit, jobs, args, workers, progress, pool=pool):
@@ -366,6 +475,9 @@ def phase_plan(
     handover = _slice_handover(plan, units["images"])
     for group in groups:
         _write_unit_plans(ws, group, plan, records, units[group], handover, per_shard["volumes"])
+    st.write_json_atomic(
+        ws.plan_dir / "schedule.json", _schedule(plan, records, units, handover, cfg)
+    )
 
     st.write_json_atomic(ws.plan_dir / "skipped.json", plan.skipped)
     manifest = {
@@ -469,6 +581,40 @@ def _slice_handover(plan, image_ranges) -> dict[int, int]:
             if len(volumes) == 1 and min(volumes) >= 0:
                 out.update((k, plan.images[k].volume) for k in rows)
     return out
+
+
+def _frame_pixels(record: ScanRecord, frame: int) -> int:
+    geometry = record.geometry[frame] if frame < len(record.geometry) else None
+    return geometry["rows"] * geometry["cols"] if geometry else 0
+
+
+def _schedule(plan, records, units, handover, cfg) -> dict:
+    """Per pixel unit, the work it will do (pixels decoded plus pixels made, a stand-in for
+    seconds) and, for image units, the volume units whose hand-over files it reads: the pixel
+    phase starts the costliest chains first and each image unit after its volume units."""
+    image_px, volume_px = math.prod(cfg.image_size), math.prod(cfg.volume_shape)
+    cost = {"images": [], "volumes": []}
+    after = []
+    for start, stop in units["images"]:
+        work, made_by = 0, set()
+        for k in range(start, stop):
+            if k in handover:  # made (and so costed) by the volume unit
+                made_by.add(handover[k] // cfg.volumes_per_shard)
+            else:
+                it = plan.images[k]
+                work += _frame_pixels(records[it.record], it.frame) + image_px
+        cost["images"].append(work)
+        after.append(sorted(made_by))
+    handed = Counter(v for v in handover.values())
+    for start, stop in units["volumes"]:
+        work = 0
+        for v in range(start, stop):
+            item = plan.volumes[v]
+            slices = zip(item.records, item.frames, strict=True)
+            work += sum(_frame_pixels(records[i], f) for i, f in slices)
+            work += volume_px + handed[v] * image_px
+        cost["volumes"].append(work)
+    return {"cost": cost, "images_after_volumes": after}
 
 
 def _write_unit_plans(ws, group, plan, records, ranges, handover, volumes_per_unit):
@@ -619,9 +765,20 @@ def phase_pixels(
     progress = Progress(len(jobs), "pixels", "shards")
     args = (str(ws.store), str(ws.private), cfg.to_json(), str(earlier) if earlier else None)
     # Volume units first: they make most CT/MR 2D rows for the image units (slice hand-over).
-    volumes = [job for job in jobs if job[0] == "volumes"]
-    images = [job for job in jobs if job[0] != "volumes"]
-    crashed = run_units(_pixels_unit, volumes, args, workers, progress, then=images, pool=pool)
+    # With workers, an image unit waits only for the volume units it takes rows from.
+    jobs.sort(key=lambda job: job[0] != "volumes")
+    try:
+        schedule = json.loads((ws.plan_dir / "schedule.json").read_text())
+        cost = {(g, u): c for g, costs in schedule["cost"].items() for u, c in enumerate(costs)}
+        waits = {("images", u): [("volumes", v) for v in vs]
+                 for u, vs in enumerate(schedule["images_after_volumes"])}  # fmt: skip
+    except FileNotFoundError:  # planned by a version without it: every volume unit first
+        cost, volume_jobs = {}, [job for job in jobs if job[0] == "volumes"]
+        waits = {job: volume_jobs for job in jobs if job[0] == "images"}
+    crashed = run_units(
+        _pixels_unit, jobs, args, workers, progress, pool=pool,
+        after=lambda job: waits.get(job, ()), cost=lambda job: cost.get(job, 0),
+    )  # fmt: skip
     for (g, u), reason in crashed:
         work = json.loads((ws.plan_dir / f"{g}-{u:06d}.json").read_text())
         failures = [[row, reason] for row in range(work["start"], work["stop"])]
@@ -731,7 +888,8 @@ def preprocess(
     """Run the given phases; returns finalize's summary when it ran.
 
     With workers > 1 the scan and pixel phases share one pool of worker processes.
-    `timings`: receives the seconds each phase took, by phase name (for benchmarks).
+    `timings`: receives the seconds each phase took, by phase name (for benchmarks), and
+    "start": starting the workers and importing what they need, before the first phase.
     `earlier`: append to an earlier run whose source files are gone (see pgjax/data/earlier.py).
     `site_names`: {folder: site name}, or a JSON/CSV file of them (pgjax/data/sites.py), for
     `site_from="dir"`; folders not listed get a salted key. Kept in the private folder only.
@@ -756,8 +914,20 @@ def preprocess(
         raise ValueError("--shard applies to the scan and pixels phases only")
     summary = None
     timings = {} if timings is None else timings
-    pool = WorkerPool(workers) if workers > 1 else None
+    pool = None
     try:
+        if "scan" in phases or "pixels" in phases:
+            # Start-up, timed on its own: the worker processes and their imports (with 1
+            # worker, the same imports here), a cost per run and process, not per file.
+            start = time.perf_counter()
+            modules = dict.fromkeys(m for p in phases for m in WORKER_MODULES.get(p, ()))
+            if workers > 1:
+                pool = WorkerPool(workers, modules)
+                pool.get()
+            else:
+                for name in modules:
+                    importlib.import_module(name)
+            timings["start"] = time.perf_counter() - start
         if "scan" in phases:
             start = time.perf_counter()
             phase_scan(

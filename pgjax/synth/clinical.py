@@ -13,8 +13,9 @@ Layout under OUT:
 
 Per patient: a CT study (a classic 512x512 series and an enhanced multi-frame CT), a
 radiograph study (one DX image) and an MR study (a classic series and an enhanced multi-frame
-MR, side 256, 320 or 384 by patient). Series take the available syntaxes in turn, so over a few
-patients every syntax holds every kind of object. Deterministic for a seed (UIDs included).
+MR, side 256, 320 or 384 by patient). Series take the available syntaxes in turn, shifted by
+one per patient, so over as many patients as syntaxes every syntax holds every kind of object.
+Deterministic for a seed (UIDs included).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from pgjax.synth import ljpeg
 from pgjax.synth.corpus import rle_encode_frame
 
 # The syntaxes of the mix, in the order series take them; short names are the folder names.
@@ -51,8 +53,11 @@ SYNTAXES = {
     "rle": RLELossless,
     "deflated": DeflatedExplicitVRLittleEndian,
 }
-# Written without a pixel encoder: native data (deflate is of the whole data set) or ours.
-_NO_ENCODER_NEEDED = {ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless}
+# Written without pydicom's pixel encoders: native data (deflate is of the whole data set) or
+# ours (RLE: pgjax/synth/corpus.py; JPEG lossless SV1, which pydicom cannot encode: ljpeg.py).
+_NO_ENCODER_NEEDED = {
+    ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless, JPEGLosslessSV1,
+}  # fmt: skip
 
 SOP = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",
@@ -170,6 +175,9 @@ def _encode(ds: Dataset, pixels: np.ndarray, syntax: UID) -> None:
     native = np.ascontiguousarray(pixels, dtype="<u2")
     if syntax == RLELossless:
         ds.add_new(0x7FE00010, "OB", encapsulate([rle_encode_frame(f) for f in native]))
+    elif syntax == JPEGLosslessSV1:
+        frames = [ljpeg.encode(f, int(ds.BitsStored)) for f in native]
+        ds.add_new(0x7FE00010, "OB", encapsulate(frames))
     else:
         ds.add_new(0x7FE00010, "OW", native.tobytes())
         if syntax.is_encapsulated:
@@ -286,7 +294,6 @@ def write_clinical_corpus(out_dir, settings: ClinicalSettings | None = None) -> 
     if not usable:
         raise ValueError("no syntax of the mix can be written here: " + "; ".join(lacking.values()))
     per_syntax = {name: {"files": 0, "bytes": 0, "objects": {}} for name in usable}
-    turn = 0
     for patient in range(settings.patients):
         rng = np.random.default_rng([settings.seed, patient])
         site = f"site_{'ab'[patient % 2]}"
@@ -298,9 +305,10 @@ def write_clinical_corpus(out_dir, settings: ClinicalSettings | None = None) -> 
             ("MR", "mr", 1, _classic_series, (mr_side, settings.mr_slices, 230.0 / mr_side)),
             ("EnhancedMR", "mr", 2, _enhanced, (mr_side, settings.mr_slices, 230.0 / mr_side)),
         ]
-        for kind, study, series, make, sizes_args in jobs:
-            name = usable[turn % len(usable)]
-            turn += 1
+        for k, (kind, study, series, make, sizes_args) in enumerate(jobs):
+            # Shifted by one per patient: with as many syntaxes as objects (or a divisor of
+            # it), taking them in plain turn would give each kind of object one syntax only.
+            name = usable[(k + patient) % len(usable)]
             folder = (out / "dicom" / name / site / f"CLIN{settings.seed:02d}{patient:04d}"
                       / _uid(settings, patient, study) / str(series))  # fmt: skip
             sizes = make(
