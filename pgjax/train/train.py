@@ -211,6 +211,21 @@ def create_state(s: Setup, example_batch, shardings) -> dict:
 # 3. The train step.
 
 
+def gathered(s: Setup, params: dict) -> dict:
+    """The parameters the forward pass uses. With fsdp > 1 and `fsdp_gather="step"`, all of
+    them whole on every device (one all-gather per step; their gradients are reduce-scattered
+    back onto the sharded state), as ZeRO-3 does per layer: XLA's partitioner, left to choose,
+    can instead move the activations to where a weight's shard is, or all-reduce partial
+    products of a batch it first gathered. The cost is one unsharded copy of the parameters
+    during the step; the optimizer state and the updates stay sharded."""
+    mode = s.config.get("fsdp_gather", "step")
+    if mode not in ("step", "auto"):
+        raise ValueError(f"fsdp_gather must be 'step' or 'auto', not {mode!r}")
+    if mode == "auto" or s.mesh.shape["fsdp"] == 1:
+        return params
+    return jax.lax.with_sharding_constraint(params, mesh_lib.replicated(s.mesh))
+
+
 def constrain_params(s: Setup, params: dict) -> dict:
     """Parameter constraints, applied after every update: the contrastive temperature t =
     exp(log_scale) is clamped to objectives.contrastive.max_scale, as CLIP does. A cap inside
@@ -249,6 +264,7 @@ def train_step(s: Setup, state: dict, raw_batch: dict) -> tuple[dict, dict]:
     # the objective's value, on the generator's fake of the same micro-batch (see
     # objectives/ce_dcm.py), so accumulation bounds its memory too and the fake is made once.
     def loss_fn(p, model_state, micro, key):
+        p = gathered(s, p)
         loss, m, new_model_state = objective.loss({"params": p, **model_state}, micro, key)
         return loss, (m, new_model_state)
 
