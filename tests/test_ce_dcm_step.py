@@ -86,11 +86,11 @@ def test_the_generator_makes_one_fake_per_micro_batch(accum_steps):
 def test_peak_memory_falls_with_accumulation():
     # The discriminator's activations dominate the step: a wide first conv (256 channels) on a
     # 32x32 hole of 32 images is 8 MB per pass, beside a generator (one-block ViT, small
-    # decoder) of a few MB. Compiled temp bytes on CPU, accum 1 -> 4: 53.6 -> 15.4 MB (0.29)
+    # decoder) of a few MB. Compiled temp bytes on CPU, accum 1 -> 4: 44.7 -> 12.5 MB (0.28)
     # now; 44.8 -> 27.5 MB (0.61) with the step before the fix (72eff88: the discriminator's
     # loss on the whole batch, from a second fake), whose discriminator ignored accum_steps;
-    # 62.0 -> 15.4 MB with the fix before the discriminator's gradient moved into the forward
-    # pass (c8af474: its two passes' activations kept for the backward pass).
+    # 62.0 -> 15.4 MB with the first fix (c8af474: three discriminator passes, their
+    # activations all kept for the backward pass).
     raw = raw_batch(32, size=64)
     temp = {}
     for accum in (1, 4):

@@ -109,65 +109,53 @@ class CEDCM(Term):
     def loss(self, run, inputs):
         """The generator's loss, and the discriminator's hinge loss on the same fake.
 
-        One generator pass makes the fake that both players see. The generator's loss (L2 on
-        the hole plus the adversarial term) reaches the discriminator's parameters only under
-        stop_gradient; the discriminator's loss reaches only the discriminator's parameters
-        (see `_discriminator_loss`). Each player gets the gradient of its own loss alone, both
-        from the parameters at the start of the step (simultaneous updates), on the same
-        micro-batches. The discriminator's loss is returned in the metrics as "disc/loss" (see
-        `Term`).
+        One generator pass makes the fake that both players see, and one discriminator pass on
+        it serves both: its vector-Jacobian product, taken twice, gives the generator the
+        gradient of the adversarial term w.r.t. the fake only and the discriminator that of its
+        hinge loss w.r.t. its parameters only. Each player gets the gradient of its own loss
+        alone, both from the parameters at the start of the step (simultaneous updates), on
+        the same micro-batches. The discriminator's loss is returned in the metrics as
+        "disc/loss" (see `Term`).
+
+        All of the discriminator's work happens here, in the forward pass: the value the
+        trainer differentiates carries these gradients (see `_with_gradient`), not the
+        discriminator's activations, which are freed before the generator's backward pass.
         """
         s = self.settings
         pred, real = self.inpaint(run, inputs.images)
         l2 = jnp.mean(jnp.square(pred - real))  # the whole output is the hole
         tags = self.tag_inputs(inputs.batch["tokens"])
-        disc_loss, disc_grads, (real_d, fake_d) = self._discriminator_loss(run, real, pred, tags)
-        # Tying the adversarial pass's parameters to the discriminator's gradient keeps XLA
-        # from scheduling that pass among the discriminator's own two (without the barrier the
-        # memory test's step held 62.0 MB of temporaries, as when all three passes were kept
-        # for the backward pass; with it 53.6 MB).
-        adv_params, disc_grads = jax.lax.optimization_barrier(
-            (jax.lax.stop_gradient(run.params["disc"]), disc_grads)
-        )
-        # In training mode this call advances the spectral-norm vectors (batch_stats); the
-        # discriminator's loss above read them as they were at the start of the step.
-        fake_logits = run("disc", pred, *tags, params=adv_params)
-        adv = iloss.hinge_g_loss(fake_logits)
+        params = jax.lax.stop_gradient(run.params["disc"])
+        # The true holes. In training mode this pass advances the spectral-norm vectors
+        # (batch_stats); the fake's pass reads them as it left them.
+        real_d, real_vjp = run.vjp("disc", real, *tags, params=params)
+        real_loss, d_real = jax.value_and_grad(iloss.hinge_d_real)(real_d)
+        real_grads = real_vjp(d_real)[1]
+        fake_d, fake_vjp = run.vjp("disc", jax.lax.stop_gradient(pred), *tags, params=params,
+                                   train=False)  # fmt: skip
+        adv, d_adv = jax.value_and_grad(iloss.hinge_g_loss)(fake_d)
+        fake_loss, d_fake = jax.value_and_grad(iloss.hinge_d_fake)(fake_d)
+        adv = _with_gradient(pred, adv, fake_vjp(d_adv)[0])
+        disc_grads = jax.tree.map(jnp.add, real_grads, fake_vjp(d_fake)[1])
+        disc_loss = _with_gradient(run.params["disc"], real_loss + fake_loss, disc_grads)
         loss = s["rec_weight"] * l2 + s["adv_weight"] * adv
         return loss, {
             "ce_dcm_l2": l2,
             "ce_dcm_adv": adv,
-            "disc/loss": _with_gradient(run.params["disc"], disc_loss, disc_grads),
+            "disc/loss": disc_loss,
             "disc/real_logit": jnp.mean(real_d),
             "disc/fake_logit": jnp.mean(fake_d),
         }
 
-    def _discriminator_loss(self, run, real, pred, tags):
-        """The hinge loss on the true holes and the fake, and its gradient w.r.t. params["disc"],
-        computed here, in the forward pass: the value the trainer differentiates then holds the
-        gradient (see `_with_gradient`) instead of the activations of the discriminator's two
-        passes. The fake enters under stop_gradient: this loss trains the discriminator only."""
-        fake = jax.lax.stop_gradient(pred)
-
-        def hinge(disc_params):
-            real_d = run("disc", real, *tags, params=disc_params, train=False)
-            fake_d = run("disc", fake, *tags, params=disc_params, train=False)
-            return iloss.hinge_d_loss(real_d, fake_d), (real_d, fake_d)
-
-        (value, logits), grads = jax.value_and_grad(hinge, has_aux=True)(
-            jax.lax.stop_gradient(run.params["disc"])
-        )
-        return value, grads, logits
-
 
 @jax.custom_vjp
-def _with_gradient(params, value, grads):
-    """`value`, whose gradient w.r.t. `params` is `grads` (computed beforehand), and 0 w.r.t.
-    everything else."""
+def _with_gradient(x, value, grads):
+    """`value`, whose gradient w.r.t. `x` (an array or a tree) is `grads`, computed beforehand,
+    and 0 w.r.t. everything else."""
     return value
 
 
-def _with_gradient_fwd(params, value, grads):
+def _with_gradient_fwd(x, value, grads):
     return value, (value, grads)
 
 
