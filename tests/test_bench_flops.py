@@ -63,3 +63,37 @@ def test_convolution_scan_and_shard_map_are_counted():
     sharded = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P("d"), P()),
                             out_specs=P("d"))  # fmt: skip
     assert bf.forward_flops(sharded, rows, m) == 2 * 64 * 16 * 16  # 8 devices x 8 rows each
+
+
+def test_ce_dcm_step_counts_the_discriminators_backward_once():
+    """CE+DCM's loss takes the discriminator's gradients in its forward pass: the step is counted
+    as traced, between the forward's count (no generator backward) and 3 x it (every backward,
+    the discriminator's included, tripled). The step used to call objective.disc_loss, which
+    the simultaneous update had removed (AttributeError)."""
+    import optax
+
+    import pgjax.objectives as ob
+    from pgjax.train import mesh as mesh_lib
+    from pgjax.train import train as T
+    from pgjax.train.defaults import base_config, only, shrink_for_cpu
+
+    c = shrink_for_cpu(only(base_config(), "ce_dcm"))
+    c.model.image_encoder_kw = dict(depth=1, width=32, num_heads=2, mlp_dim=64)
+    c.objectives.ce_dcm.tags = ("Manufacturer",)
+    c.objectives.ce_dcm.disc = dict(channels=(16, 32))
+    c.objectives.ce_dcm.decoder = dict(channels=32, min_channels=8)
+    info = ob.ProtocolInfo(("Manufacturer", "KVP"), ((4, 8), (8, 12)), 12)
+    mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
+    objective = ob.build_objective(c, info, mesh)
+    tx, schedule = T.make_optimizer(c.optim, c.total_steps)
+    s = T.Setup(c, mesh, objective, tx, optax.adam(1e-4), schedule, None)
+    batch = T.prepare_batch(dict(pixels=jnp.zeros((4, 32, 32), jnp.uint8),
+                                 tokens=jnp.full((4, 2), 5, jnp.int16),
+                                 values=jnp.zeros((4, 2), jnp.float16),
+                                 value_mask=jnp.zeros((4, 2), jnp.uint8)))  # fmt: skip
+    state, _ = T.abstract_state(s, batch)
+    variables = {"params": state["params"], **state["model_state"]}
+    forward = bf.forward_flops(lambda v, b: objective.loss(v, b, jax.random.key(0))[0],
+                               variables, batch)  # fmt: skip
+    step = bf.step_model_flops(objective, state, batch)
+    assert forward < step < bf.TRAIN_OVER_FORWARD * forward, (forward, step)

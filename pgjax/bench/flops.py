@@ -12,10 +12,10 @@ Here the count is made from the traced loss itself, so every model the objective
 encoder, protocol encoder passes, fusion passes with their cross-attention, heads, convolutions
 of a ResNet) is covered: the FLOPs of every matrix product and convolution in the forward pass
 (2 per multiply-add, from their shapes; fused attention calls from their Q, K, V shapes), times
-3 for forward + backward. For a ViT this is exactly the formula above (tested). Loops of
-unknown trip count (while) count once; a `cond` counts its largest branch; a shard_map body
-counts once per device. Nothing else (norms, softmax, the optimizer) is counted: that is the
-convention of the formula.
+3 for forward + backward (CE+DCM: see `step_model_flops`). For a ViT this is exactly the formula
+above (tested). Loops of unknown trip count (while) count once; a `cond` counts its largest
+branch; a shard_map body counts once per device. Nothing else (norms, softmax, the optimizer) is
+counted: that is the convention of the formula.
 """
 
 from __future__ import annotations
@@ -96,15 +96,22 @@ def forward_flops(fn, *args) -> int:
 
 def step_model_flops(objective, abstract_state: dict, example_batch: dict, seed: int = 0) -> int:
     """Model FLOPs of one train step of `objective` on `example_batch` (the prepared global
-    batch): 3 x the forward FLOPs of every loss the step differentiates (the objective's, and
-    the CE+DCM discriminator's)."""
+    batch): 3 x the forward FLOPs of the loss the step differentiates. With CE+DCM, whose loss
+    takes the discriminator's gradients in its forward pass (objectives/ce_dcm.py), 3 x would
+    triple that backward work too: the differentiated step is counted as traced instead (the
+    generator's backward as its transposed products, the discriminator's as they stand)."""
     variables = {"params": abstract_state["params"], **abstract_state["model_state"]}
     rng = jax.random.key(seed)
-    total = forward_flops(lambda v, b, r: objective.loss(v, b, r)[0], variables, example_batch, rng)
     if objective.has_discriminator:
-        total += forward_flops(
-            lambda v, b, r: objective.disc_loss(v, b, r)[0], variables, example_batch, rng
+
+        def loss(params, state, batch, rng):
+            return objective.loss({"params": params, **state}, batch, rng)[0]
+
+        step = jax.make_jaxpr(jax.grad(loss))(
+            abstract_state["params"], abstract_state["model_state"], example_batch, rng
         )
+        return jaxpr_flops(step.jaxpr)
+    total = forward_flops(lambda v, b, r: objective.loss(v, b, r)[0], variables, example_batch, rng)
     return TRAIN_OVER_FORWARD * total
 
 

@@ -91,9 +91,19 @@ def hinge_d_loss(
     real_logits: jax.Array, fake_logits: jax.Array, *, axis_name: AxisName | None = None
 ) -> jax.Array:
     """Discriminator hinge loss: mean(relu(1 - D(real))) + mean(relu(1 + D(fake))), a scalar."""
-    real = masked_mean(jax.nn.relu(1.0 - real_logits), True, axis_name)
-    fake = masked_mean(jax.nn.relu(1.0 + fake_logits), True, axis_name)
-    return real + fake
+    return hinge_d_real(real_logits, axis_name=axis_name) + hinge_d_fake(
+        fake_logits, axis_name=axis_name
+    )
+
+
+def hinge_d_real(real_logits: jax.Array, *, axis_name: AxisName | None = None) -> jax.Array:
+    """The true samples' half of `hinge_d_loss`: mean(relu(1 - D(real)))."""
+    return masked_mean(jax.nn.relu(1.0 - real_logits), True, axis_name)
+
+
+def hinge_d_fake(fake_logits: jax.Array, *, axis_name: AxisName | None = None) -> jax.Array:
+    """The fakes' half of `hinge_d_loss`: mean(relu(1 + D(fake)))."""
+    return masked_mean(jax.nn.relu(1.0 + fake_logits), True, axis_name)
 
 
 def hinge_g_loss(fake_logits: jax.Array, *, axis_name: AxisName | None = None) -> jax.Array:

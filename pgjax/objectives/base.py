@@ -136,8 +136,8 @@ class Term:
     `loss` is the term's value and metrics, a pure function of the parameters (through `run`)
     and the inputs. A term with an adversary (CE+DCM's discriminator, params["disc"]) returns
     the adversary's loss as metrics["disc/loss"]: the objective adds it, unweighted, to the
-    value it differentiates, and the term keeps the two players' gradients apart with
-    stop_gradient."""
+    value it differentiates, and the term keeps the two players' gradients apart (CE+DCM:
+    stop_gradient and gradients computed in the forward pass, see objectives/ce_dcm.py)."""
 
     name: str = ""
     uses_protocol = False  # needs the protocol encoder
@@ -181,10 +181,30 @@ class Runner:
         """Apply part `name` (or `module`, a variant of it with the same parameters) with its
         parameters (or `params`). `train` defaults to the runner's; in training mode the part's
         collections are mutable and get updated."""
+        params = self.params[name] if params is None else params
+        out, updated = self._apply(name, module, params, args, kwargs, train)
+        self._update(name, updated)
+        return out
+
+    def vjp(self, name, x, *args, module=None, params=None, train=None, **kwargs):
+        """Apply part `name` to `x` (and `args`) as `__call__` does, and return (output,
+        vjp_fn): vjp_fn maps a cotangent of the output to those of (x, the part's params)."""
+        params = self.params[name] if params is None else params
+
+        def apply(x, p):
+            return self._apply(name, module, p, (x, *args), kwargs, train)
+
+        out, vjp_fn, updated = jax.vjp(apply, x, params, has_aux=True)
+        self._update(name, updated)
+        return out, vjp_fn
+
+    def _apply(self, name, module, params, args, kwargs, train):
+        """(output, updated collections or {}): the part applied, with no side effect."""
         module = self.parts[name] if module is None else module
         train = self.train if train is None else train
-        variables = {"params": self.params[name] if params is None else params}
+        variables = {"params": params}
         variables.update({col: tree[name] for col, tree in self.state.items() if name in tree})
+        kwargs = dict(kwargs)
         if takes_train(module):
             kwargs["train"] = train
         rngs = None
@@ -193,11 +213,12 @@ class Runner:
             rngs = {"dropout": jax.random.fold_in(self.rng, self.calls)}
         mutable = [col for col in variables if col != "params"] if train else False
         if not mutable:
-            return module.apply(variables, *args, rngs=rngs, **kwargs)
-        out, updated = module.apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
+            return module.apply(variables, *args, rngs=rngs, **kwargs), {}
+        return module.apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)
+
+    def _update(self, name, updated):
         for col, tree in updated.items():
             self.state[col][name] = tree
-        return out
 
     def collections(self) -> dict:
         return self.state

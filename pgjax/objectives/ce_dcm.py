@@ -109,25 +109,36 @@ class CEDCM(Term):
     def loss(self, run, inputs):
         """The generator's loss, and the discriminator's hinge loss on the same fake.
 
-        One generator pass makes the fake that both players see. The generator's loss (L2 on
-        the hole plus the adversarial term) reaches the discriminator's parameters only under
-        stop_gradient, and the discriminator's loss reaches the fake only under stop_gradient:
-        each player gets the gradient of its own loss alone, both from the parameters at the
-        start of the step (simultaneous updates), on the same micro-batches. The discriminator's
-        loss is returned in the metrics as "disc/loss" (see `Term`).
+        One generator pass makes the fake that both players see, and one discriminator pass on
+        it serves both: its vector-Jacobian product, taken twice, gives the generator the
+        gradient of the adversarial term w.r.t. the fake only and the discriminator that of its
+        hinge loss w.r.t. its parameters only. Each player gets the gradient of its own loss
+        alone, both from the parameters at the start of the step (simultaneous updates), on
+        the same micro-batches. The discriminator's loss is returned in the metrics as
+        "disc/loss" (see `Term`).
+
+        All of the discriminator's work happens here, in the forward pass: the value the
+        trainer differentiates carries these gradients (see `_with_gradient`), not the
+        discriminator's activations, which are freed before the generator's backward pass.
         """
         s = self.settings
         pred, real = self.inpaint(run, inputs.images)
         l2 = jnp.mean(jnp.square(pred - real))  # the whole output is the hole
         tags = self.tag_inputs(inputs.batch["tokens"])
-        # In training mode this call advances the spectral-norm vectors (batch_stats); the
-        # discriminator's own calls below only read them.
-        fake_logits = run("disc", pred, *tags, params=jax.lax.stop_gradient(run.params["disc"]))
-        adv = iloss.hinge_g_loss(fake_logits)
+        params = jax.lax.stop_gradient(run.params["disc"])
+        # The true holes. In training mode this pass advances the spectral-norm vectors
+        # (batch_stats); the fake's pass reads them as it left them.
+        real_d, real_vjp = run.vjp("disc", real, *tags, params=params)
+        real_loss, d_real = jax.value_and_grad(iloss.hinge_d_real)(real_d)
+        real_grads = real_vjp(d_real)[1]
+        fake_d, fake_vjp = run.vjp("disc", jax.lax.stop_gradient(pred), *tags, params=params,
+                                   train=False)  # fmt: skip
+        adv, d_adv = jax.value_and_grad(iloss.hinge_g_loss)(fake_d)
+        fake_loss, d_fake = jax.value_and_grad(iloss.hinge_d_fake)(fake_d)
+        adv = _with_gradient(pred, adv, fake_vjp(d_adv)[0])
+        disc_grads = jax.tree.map(jnp.add, real_grads, fake_vjp(d_fake)[1])
+        disc_loss = _with_gradient(run.params["disc"], real_loss + fake_loss, disc_grads)
         loss = s["rec_weight"] * l2 + s["adv_weight"] * adv
-        real_d = run("disc", real, *tags, train=False)
-        fake_d = run("disc", jax.lax.stop_gradient(pred), *tags, train=False)
-        disc_loss = iloss.hinge_d_loss(real_d, fake_d)
         return loss, {
             "ce_dcm_l2": l2,
             "ce_dcm_adv": adv,
@@ -135,3 +146,23 @@ class CEDCM(Term):
             "disc/real_logit": jnp.mean(real_d),
             "disc/fake_logit": jnp.mean(fake_d),
         }
+
+
+@jax.custom_vjp
+def _with_gradient(x, value, grads):
+    """`value`, whose gradient w.r.t. `x` (an array or a tree) is `grads`, computed beforehand,
+    and 0 w.r.t. everything else."""
+    return value
+
+
+def _with_gradient_fwd(x, value, grads):
+    return value, (value, grads)
+
+
+def _with_gradient_bwd(res, cotangent):
+    value, grads = res
+    zeros = jax.tree.map(jnp.zeros_like, grads)
+    return jax.tree.map(lambda g: cotangent * g, grads), jnp.zeros_like(value), zeros
+
+
+_with_gradient.defvjp(_with_gradient_fwd, _with_gradient_bwd)
