@@ -160,8 +160,8 @@ def test_restore_onto_another_mesh(store, straight, tmp_path):
     import shutil
 
     shutil.copytree(straight / "checkpoints" / "10", workdir / "checkpoints" / "10")
-    T.train(other, workdir, max_steps=10)  # to the reference's checkpoint at 20
-    assert_trees_close(final_params(straight, 20), final_params(workdir), atol=5e-3)
+    T.train(other, workdir)
+    assert_trees_close(final_params(straight), final_params(workdir), atol=5e-3)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path):
