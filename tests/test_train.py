@@ -195,8 +195,9 @@ def _train_cmd(store: Path, workdir: Path, *extra: str) -> list[str]:
 
 
 def test_killed_training_resumes_to_the_same_parameters(store, straight, tmp_path):
-    """SIGKILL a real `pgjax train` after its second checkpoint; rerun the command."""
-    extra = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=2", "--config.log_every=1"]
+    """SIGKILL a real `pgjax train` after its second checkpoint; rerun the command. Every 5
+    steps: 20 steps still to run at the kill (every 2 saved 15 checkpoints, seconds each)."""
+    extra = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=5", "--config.log_every=1"]
     cmd = _train_cmd(store, tmp_path / "killed", *extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckdir = tmp_path / "killed" / "checkpoints"
@@ -219,8 +220,11 @@ def test_killed_training_resumes_to_the_same_parameters(store, straight, tmp_pat
 
 
 def test_two_processes_equal_one(store, straight, tmp_path):
-    """Two jax.distributed processes on loopback (4 CPU devices each) == one process with 8."""
-    steps = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=10"]
+    """Two jax.distributed processes on loopback (4 CPU devices each) == one process with 8,
+    after the first 10 steps (the reference's first checkpoint; same schedule, total_steps
+    STEPS). Each step's collectives cross the processes over loopback, seconds a step on 2
+    cores: the 20 more steps to STEPS added about a minute and proved nothing more."""
+    steps = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=10", "--max-steps", "10"]
     flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     port = 20000 + os.getpid() % 20000
@@ -246,8 +250,11 @@ def test_two_processes_equal_one(store, straight, tmp_path):
     outputs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
+    mgr = ckpt.manager(tmp_path / "two")
+    assert mgr.latest_step() == 10
+    mgr.close()
     assert_trees_close(
-        without_key_biases(final_params(straight)),
+        without_key_biases(final_params(straight, 10)),
         without_key_biases(final_params(tmp_path / "two")),
         atol=1e-5,
     )

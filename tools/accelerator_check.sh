@@ -10,8 +10,9 @@
 #   6. summary.txt: images/s, MFU (XLA's and model FLOPs) against the 45% target, and PG's
 #      achieved FLOP rate over the plain step's (target >= 0.95).
 # Every record goes to the folder given by --out. `--tiny`: the same steps at CPU size (pg.py:tiny,
-# 32 px only, batch 16, one step; the fused kernel is a GPU one, so "fused" is JAX's own choice
-# there), for the test that keeps this script working (tests/test_accelerator_check.py).
+# 32 px only, batch 16, one step, one round of the real loop; the fused kernel is a GPU one, so
+# "fused" is JAX's own choice there), for the test that keeps this script working
+# (tests/test_accelerator_check.py, in the default suite: about 45 s of CPU).
 #
 #   tools/accelerator_check.sh --out benchmarks/results/accelerator-$(date -u +%Y%m%d)
 set -euo pipefail
@@ -34,18 +35,20 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 if [ "$TINY" = 1 ]; then
-  # Compiling dominates at this size: LLVM's cheapest settings, one image size, one step.
+  # Compiling dominates at this size: LLVM's cheapest settings, XLA:CPU's older elemental
+  # emitters (the PG step compiled in 8.6 s of CPU, not 13-14 s, measured), one image size, one
+  # step, one round of the real loop.
   export JAX_PLATFORMS=cpu
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
   # On a CPU both attention settings compile the same program: compile it once.
   export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$WORK/jax-cache}"
   export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-  CONFIG=configs/pg.py:tiny SIZE=32 SECOND="" BATCH=16 STEPS=1 FUSED="" VIT=mu PATCH=8
+  CONFIG=configs/pg.py:tiny SIZE=32 SECOND="" BATCH=16 STEPS=1 ROUNDS=1 FUSED="" VIT=mu PATCH=8
   DTYPE=float32 SYNTH=(--studies 6 --xr-size 32 --ct-size 32 --ct-slices 4-6 --mr-size 32
     --mr-slices 4-6 --us-size 32 --us-frames 2)
   LOADER=(--images 64 --size 32 --steps 2 --rounds 1 --workers 0)
 else
-  CONFIG=configs/pg.py SIZE=256 SECOND=224 BATCH=256 STEPS=5 FUSED=cudnn VIT=b PATCH=16
+  CONFIG=configs/pg.py SIZE=256 SECOND=224 BATCH=256 STEPS=5 ROUNDS=5 FUSED=cudnn VIT=b PATCH=16
   DTYPE=bfloat16 SYNTH=(--studies 80 --workers 8)
   LOADER=(--images 4096 --steps 20 --rounds 3 --workers 0,all)
 fi
@@ -65,7 +68,7 @@ for impl in "$FUSED" xla; do
   [ -z "$impl" ] || value="'$impl'"
   pg bench train --config "$CONFIG" --config.input.store="$WORK/store" \
     --config.input.global_batch="$BATCH" --config.model.image_encoder_kw="{'attention_impl': $value}" \
-    --steps "$STEPS" ${SECOND:+--image-sizes "$SECOND"} --out "$OUT"
+    --steps "$STEPS" --rounds "$ROUNDS" ${SECOND:+--image-sizes "$SECOND"} --out "$OUT"
 done
 
 echo "== 4. plain-JAX ViT step"

@@ -191,7 +191,15 @@ def sweep_points(n_all: int, batch: int, shape, device_counts, batches, image_si
 
 
 def run_bench(
-    config_path: str, overrides, *, steps: int, batches, device_counts, out_dir, image_sizes=()
+    config_path: str,
+    overrides,
+    *,
+    steps: int,
+    batches,
+    device_counts,
+    out_dir,
+    image_sizes=(),
+    rounds: int = 5,
 ):
     from pgjax.train.config_lib import load_config
     from pgjax.train.train import protocol_info
@@ -214,7 +222,7 @@ def run_bench(
         row = {k: v for k, v in m.items() if k not in ("state", "compiled", "setup", "batch")}
         row["image_shape"] = list(shape)
         if n == len(devices) and list(shape) == list(image_shape) and jax.process_count() == 1:
-            row.update(measure_loop(c, m, steps))  # the store's images: the real loop too
+            row.update(measure_loop(c, m, steps, rounds))  # the store's images: the real loop
         results.append(row)
         print(
             f"devices={n} batch={b} image={'x'.join(map(str, shape))}: "
@@ -244,6 +252,7 @@ def run_bench(
         else f"no peak FLOP/s known for device kind {devices[0].device_kind!r}: no MFU",
         "image_shape": image_shape,
         "steps": steps,
+        "loop_rounds": rounds,
         "model": config.model.to_dict(),
     }
     return write_record("train", {"runs": results}, settings, out_dir)

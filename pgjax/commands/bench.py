@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--batches", default="", help="global batch sizes to sweep, e.g. 8,16,32")
     tr.add_argument("--devices", default="", help="device counts to sweep, e.g. 1,2,4,8")
     tr.add_argument("--image-sizes", default="", help="image sides to sweep, e.g. 64,128,256")
+    tr.add_argument("--rounds", type=int, default=5,
+                    help="rounds of the real loop against the resident step")  # fmt: skip
     tr.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
     co = sub.add_parser(
         "compile", help="a config's train step compiled for meshes: FLOPs, memory, collectives"
@@ -115,7 +117,7 @@ def run(args) -> int:
         path = run_train_bench(
             args.config, args.extra, steps=args.steps, batches=_ints(args.batches),
             device_counts=_ints(args.devices), image_sizes=_ints(args.image_sizes),
-            out_dir=args.out,
+            out_dir=args.out, rounds=args.rounds,
         )  # fmt: skip
         print(f"record: {path}")
     elif args.bench == "compile":
