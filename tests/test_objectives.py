@@ -228,7 +228,7 @@ def test_ablation_drops_the_term_and_its_parts():
     assert set(objective.parts) == {"image_encoder", "dcm_head"}
 
 
-def test_ce_dcm_alternates_generator_and_discriminator():
+def test_ce_dcm_trains_generator_and_discriminator_together():
     config = make_config(
         [],
         encoder="resnet_mu",
@@ -246,7 +246,7 @@ def test_ce_dcm_alternates_generator_and_discriminator():
     result = train(objective, make_batch(), steps=30, compiler_options=CONV_COMPILE)
     initial, final, history, _ = result
     check_training(objective, result, {"image_encoder", "ce_decoder"})
-    # The discriminator learns (its own loss; tests/test_ce_dcm.py: each player's gradient).
+    # The discriminator learns (its own loss; tests/test_ce_dcm_step.py: each player's gradient).
     assert np.all(np.asarray(history["grads"]["disc"][0]) > 0)
     d_loss = np.asarray(history["metrics"]["disc/loss"])
     assert np.all(np.isfinite(d_loss))
