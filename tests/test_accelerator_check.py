@@ -26,7 +26,15 @@ def test_accelerator_check_tiny_writes_every_record(tmp_path):
     assert "cpu" in (out / "device.txt").read_text()
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     kinds = sorted(r["benchmark"] for r in records)
-    assert kinds == ["loader", "plain_vit_step", "plain_vit_step", "train", "train"], kinds
+    assert kinds == ["compile", "loader", "plain_vit_step", "plain_vit_step", "train", "train"], (
+        kinds
+    )
+    remat = sorted(
+        r["settings"]["model"]["image_encoder_kw"]["remat"]
+        for r in records
+        if r["benchmark"] == "compile"
+    )
+    assert remat == [True]  # --tiny compiles the remat step only (both on an accelerator)
     impls = sorted(
         str(r["settings"]["model"]["image_encoder_kw"]["attention_impl"])
         for r in records
@@ -45,6 +53,8 @@ def test_accelerator_check_tiny_writes_every_record(tmp_path):
     assert len(pg) == 2 and all("FLOP rate / plain step" in line for line in pg), summary
     assert all("no peak FLOP/s known" in line for line in pg)  # a CPU: no MFU
     assert any(line.startswith("loader, 0 workers") for line in summary)
+    compiled = [line for line in summary if line.startswith("compiled ")]
+    assert len(compiled) == 1 and "remat True: peak" in compiled[0], summary
     assert (
         "--out DIR is required"
         in subprocess.run(

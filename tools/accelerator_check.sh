@@ -7,8 +7,10 @@
 #   4. a plain-JAX ViT-B/16 step of the same shapes (tools/plain_vit_step.py, no pgjax), both
 #      attention implementations;
 #   5. `pgjax bench loader` on this host's cores;
-#   6. summary.txt: images/s, MFU (XLA's and model FLOPs) against the 45% target, and PG's
-#      achieved FLOP rate over the plain step's (target >= 0.95).
+#   6. `pgjax bench compile` of the same step on one device, batch 64, with remat and without:
+#      the device's own buffers (a CPU compile cannot show what remat saves);
+#   7. summary.txt: images/s, MFU (XLA's and model FLOPs) against the 45% target, and PG's
+#      achieved FLOP rate over the plain step's (target >= 0.95); the compiled peaks.
 # Every record goes to the folder given by --out. `--tiny`: the same steps at CPU size (pg.py:tiny,
 # 32 px only, batch 16, one step, one round of the real loop; the fused kernel is a GPU one, so
 # "fused" is JAX's own choice there), for the test that keeps this script working
@@ -44,11 +46,13 @@ if [ "$TINY" = 1 ]; then
   export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$WORK/jax-cache}"
   export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
   CONFIG=configs/pg.py:tiny SIZE=32 SECOND="" BATCH=16 STEPS=1 ROUNDS=1 FUSED="" VIT=mu PATCH=8
+  COMPILE_BATCH=16 REMATS="True"  # one compile: the remat path is the one the test keeps
   DTYPE=float32 SYNTH=(--studies 6 --xr-size 32 --ct-size 32 --ct-slices 4-6 --mr-size 32
     --mr-slices 4-6 --us-size 32 --us-frames 2)
   LOADER=(--images 64 --size 32 --steps 2 --rounds 1 --workers 0)
 else
   CONFIG=configs/pg.py SIZE=256 SECOND=224 BATCH=256 STEPS=5 ROUNDS=5 FUSED=cudnn VIT=b PATCH=16
+  COMPILE_BATCH=64 REMATS="False True"
   DTYPE=bfloat16 SYNTH=(--studies 80 --workers 8)
   LOADER=(--images 4096 --steps 20 --rounds 3 --workers 0,all)
 fi
@@ -80,5 +84,17 @@ done
 echo "== 5. pgjax bench loader"
 pg bench loader --config "$CONFIG" --batch "$BATCH" "${LOADER[@]}" --out "$OUT"
 
-echo "== 6. summary"
+echo "== 6. the compiled step's memory on one device, with remat and without"
+# XLA:CPU keeps no recomputation late, so remat's saving can only be measured here (README,
+# 'What fits on a device'): one per-device batch, with the fused attention kernel.
+ATTN=None
+[ -z "$FUSED" ] || ATTN="'$FUSED'"
+for remat in $REMATS; do
+  pg bench compile --config "$CONFIG" --store "$WORK/store" --mesh data=1 --image-size "$SIZE" \
+    --config.input.global_batch="$COMPILE_BATCH" \
+    --config.model.image_encoder_kw="{'attention_impl': $ATTN, 'remat': $remat}" \
+    --out "$OUT"
+done
+
+echo "== 7. summary"
 "$PY" -m pgjax.bench.accelerator "$OUT" | tee "$OUT/summary.txt"

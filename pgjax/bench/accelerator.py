@@ -66,8 +66,20 @@ def summarize(folder: str | Path) -> list[str]:
                         f"loader, {key[8:]} workers: {w['delivered_images_per_s']:.0f} images/s "
                         f"delivered, {w['augmented_images_per_s']:.0f} with augmentation"
                     )
+    for r in records:
+        if r["benchmark"] == "compile":
+            kw = r["settings"]["model"].get("image_encoder_kw") or {}
+            for run in r["figures"]["runs"]:
+                mem = run["memory_per_device"]
+                lines.append(
+                    f"compiled {r['settings']['config']} batch {run['global_batch']} on "
+                    f"{run['devices']} device(s), remat {bool(kw.get('remat'))}: peak "
+                    f"{mem['peak_bytes'] / 2**30:.2f} GiB (temporaries "
+                    f"{mem['temp_bytes'] / 2**30:.2f} GiB), "
+                    f"{run['flops_per_step'] / 1e12:.2f} TFLOP per step"
+                )
     if not lines:
-        lines.append(f"no train or loader records in {folder}")
+        lines.append(f"no train, loader or compile records in {folder}")
     return lines
 
 
