@@ -213,11 +213,12 @@ def create_state(s: Setup, example_batch, shardings) -> dict:
 
 def gathered(s: Setup, params: dict) -> dict:
     """The parameters the forward pass uses. With fsdp > 1 and `fsdp_gather="step"`, all of
-    them whole on every device (one all-gather per step; their gradients are reduce-scattered
-    back onto the sharded state), as ZeRO-3 does per layer: XLA's partitioner, left to choose,
-    can instead move the activations to where a weight's shard is, or all-reduce partial
-    products of a batch it first gathered. The cost is one unsharded copy of the parameters
-    during the step; the optimizer state and the updates stay sharded."""
+    them whole on every device (one all-gather per step; each device keeps its shard of the
+    summed gradients: a reduce-scatter, or on XLA:CPU an all-reduce), as ZeRO-3 does per
+    layer. XLA's partitioner, left to choose, can instead move the activations to where a
+    weight's shard is, or all-reduce partial products of a batch it first gathered. The cost
+    is one unsharded copy of the parameters during the step; the optimizer state and the
+    updates stay sharded."""
     mode = s.config.get("fsdp_gather", "step")
     if mode not in ("step", "auto"):
         raise ValueError(f"fsdp_gather must be 'step' or 'auto', not {mode!r}")
